@@ -1,0 +1,1 @@
+"""Turn datasets into WebDataset tar shards plus a manifest (see ``manifest.py``)."""

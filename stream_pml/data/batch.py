@@ -1,0 +1,52 @@
+"""What a loader yields, whatever the backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Batch:
+    """One batch. Images stay uint8 so the loader does no float work; :func:`normalize`
+    runs on the training device (measured: about 2x CPU loader throughput)."""
+
+    images_BCHW: torch.Tensor  # uint8
+    rows_B: torch.Tensor  # int64 global row ids
+    pos_BP: torch.Tensor  # int32 observed positive class ids, padded with -1
+    neg_BN: torch.Tensor  # int32 observed negative class ids, padded with -1
+
+    @property
+    def size(self) -> int:
+        return int(self.rows_B.shape[0])
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=nb) for t in
+                       (self.images_BCHW, self.rows_B, self.pos_BP, self.neg_BN)))
+
+
+def normalize(images_BCHW: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=images_BCHW.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images_BCHW.device).view(1, 3, 1, 1) * 255
+    out = (images_BCHW.float() - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def dense_labels(pos_BP: torch.Tensor, neg_BN: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (B, C) float and known (B, C) bool from padded id lists; O(B x C)."""
+    batch = pos_BP.shape[0]
+    device = pos_BP.device
+    targets = torch.zeros(batch, num_classes + 1, device=device)
+    known = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=device)
+    # Padding (-1) is routed to a spare last column that is cut off afterwards.
+    pos = torch.where(pos_BP < 0, num_classes, pos_BP).long()
+    neg = torch.where(neg_BN < 0, num_classes, neg_BN).long()
+    targets.scatter_(1, pos, 1.0)
+    known.scatter_(1, pos, True)
+    known.scatter_(1, neg, True)
+    return targets[:, :num_classes], known[:, :num_classes]

@@ -1,0 +1,41 @@
+"""Configuration of the data path (shards, image size, loader backend)."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+BACKENDS = ("dali",)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/digits"  # directory holding manifest.json
+    train_split: str = "train"
+    # Split whose mAP is reported each epoch (fully labelled, or unknowns masked).
+    eval_split: str = "test"
+    image_size: int = 448
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    flip: bool = True
+    backend: str = "dali"
+    # Threads of the decode pipeline per process; 0 = the cores divided by local processes.
+    num_threads: int = 0
+    # DALI's shuffle buffer (samples); shards are already shuffled at build time.
+    shuffle_buffer: int = 512
+    prefetch_depth: int = 2
+    # Label setting applied to the training split (METHOD.md): fal, pal, ppl, spl.
+    label_setting: str = "fal"
+    label_ratio: Optional[float] = None
+    label_seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend: {self.backend!r} is not one of {BACKENDS}")
+        for name in ("image_size", "batch_size", "eval_batch_size", "prefetch_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.label_setting not in ("fal", "pal", "ppl", "spl"):
+            raise ValueError(f"data.label_setting: {self.label_setting!r} is not one of fal, pal, ppl, spl")
+        if self.label_setting in ("pal", "ppl") and self.label_ratio is None:
+            raise ValueError(f"data.label_ratio must be set for label_setting={self.label_setting}")
+        if self.label_ratio is not None and not 0.0 < self.label_ratio <= 1.0:
+            raise ValueError(f"data.label_ratio must be in (0, 1], got {self.label_ratio}")

@@ -1,0 +1,95 @@
+"""Which shards each rank reads, and the loaders built on them (DESIGN.md sections 3-4).
+
+Each epoch deals the training shards to ranks by a permutation of (seed, epoch), so a rank
+owns whole shards (one writer per pseudo-label chunk) and the data order is a pure function
+of (seed, epoch, rank, position). Every rank computes every rank's deal, so equal batch
+counts need no communication.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from shard_tools.manifest import Manifest, ManifestError, load_manifest, shard_paths
+
+from .batch import Batch
+from .config import DataConfig
+from .dali import DaliShardStream
+
+
+def deal_shards(num_shards: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shard indices owned by each rank in ``epoch``; disjoint and covering all shards."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
+    return [sorted(perm[r::world_size].tolist()) for r in range(world_size)]
+
+
+def stream_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def default_threads(cfg: DataConfig) -> int:
+    if cfg.num_threads > 0:
+        return cfg.num_threads
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+class ShardLoader:
+    """Train and eval streams of one rank over a built shard directory."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.directory = Path(cfg.shards)
+        self.manifest: Manifest = load_manifest(self.directory)
+        self.train_split = self.manifest.split(cfg.train_split, self.directory)
+        self.eval_split = self.manifest.split(cfg.eval_split, self.directory)
+        self.train_tars, self.train_idxs = shard_paths(self.directory, self.train_split)
+        self.eval_tars, self.eval_idxs = shard_paths(self.directory, self.eval_split)
+        if len(self.train_tars) < world_size:
+            raise ManifestError(
+                f"{self.directory}: split {cfg.train_split} has {len(self.train_tars)} shards but "
+                f"{world_size} processes; every rank needs a whole shard (rebuild with a smaller "
+                "--shard-size)")
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    def num_batches(self, epoch: int) -> int:
+        sizes = [s.num_samples for s in self.train_split.shards]
+        deal = deal_shards(len(sizes), self.world_size, self.seed, epoch)
+        n = min(sum(sizes[i] for i in owned) // self.cfg.batch_size for owned in deal)
+        if n == 0:
+            raise ManifestError(f"{self.directory}: a rank holds fewer than data.batch_size="
+                                f"{self.cfg.batch_size} training samples in epoch {epoch}")
+        return n
+
+    def owned_train_shards(self, epoch: int) -> list[int]:
+        return deal_shards(len(self.train_tars), self.world_size, self.seed, epoch)[self.rank]
+
+    def train_epoch(self, epoch: int) -> Iterator[Batch]:
+        owned = self.owned_train_shards(epoch)
+        return iter(DaliShardStream(
+            [self.train_tars[i] for i in owned], [self.train_idxs[i] for i in owned],
+            image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
+            flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
+            num_threads=default_threads(self.cfg), shuffle_buffer=self.cfg.shuffle_buffer,
+            prefetch_depth=self.cfg.prefetch_depth, max_batches=self.num_batches(epoch)))
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """This rank's share of the eval split (fixed deal), every sample once."""
+        owned = list(range(self.rank, len(self.eval_tars), self.world_size))
+        if not owned:
+            return iter(())
+        return iter(DaliShardStream(
+            [self.eval_tars[i] for i in owned], [self.eval_idxs[i] for i in owned],
+            image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
+            flip=False, seed=0, num_threads=default_threads(self.cfg),
+            prefetch_depth=self.cfg.prefetch_depth))

@@ -1,0 +1,53 @@
+"""Backbone (any torchvision classification model) + a linear multi-label head."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    # Local path to torchvision ImageNet weights (state dict); never downloaded.
+    pretrained: Optional[str] = None
+    channels_last: bool = True  # used on CUDA only
+
+    def __post_init__(self) -> None:
+        import torchvision
+
+        if self.arch not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"model.arch: {self.arch!r} is not a torchvision classification model")
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise ValueError(f"model.pretrained: {self.pretrained} does not exist")
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    last_name = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_name = name
+    if last_name is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier to replace")
+    parent_name, _, attr = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.get_model(cfg.arch, weights=None)
+    if cfg.pretrained:
+        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"model.pretrained: {cfg.pretrained} does not fit {cfg.arch}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _replace_last_linear(model, num_classes)
+    return model

@@ -1,0 +1,75 @@
+"""What a run writes beside its checkpoints: resolved config, run info, metric logs, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import sys
+from pathlib import Path
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import torchvision
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "cuda": str(torch.version.cuda)}
+    try:
+        import nvidia.dali
+
+        out["nvidia-dali"] = nvidia.dali.__version__
+    except ImportError:
+        out["nvidia-dali"] = "absent"
+    return out
+
+
+class CsvLog:
+    """Append rows to a CSV, writing the header once; columns fixed by the first row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.exists() and path.stat().st_size > 0:
+            with open(path) as f:
+                self.fields = next(csv.reader(f), None)
+
+    def write(self, row: dict) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def plot_map_curve(metrics_csv: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(epochs, [100 * float(r["map"]) for r in rows], marker="o", label="eval mAP")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mAP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""Entry point: ``torchrun -m stream_pml.train --config configs/X.yaml [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream_pml.train", description=__doc__)
+    parser.add_argument("--config", help="YAML run file (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    from shard_tools.manifest import ManifestError
+
+    from .distributed import setup, teardown
+    from .trainer import Trainer
+
+    dist_info = setup(cfg.train.device)
+    try:
+        try:
+            trainer = Trainer(cfg, dist_info)
+        except ManifestError as exc:
+            print(f"data error: {exc}", file=sys.stderr)
+            return 2
+        resumed = trainer.maybe_resume()
+        if dist_info.is_main:
+            print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "
+                  f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)
+        final = trainer.train()
+        if dist_info.is_main and final:
+            print(f"final eval mAP {100 * final['map']:.2f}% ({final['num_eval']} images); "
+                  f"run directory: {cfg.train.run_dir}", flush=True)
+        return 0
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The training loop: a short ``train()`` over epochs and a ``train_step()`` per batch."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_latest, save_checkpoint
+from .data.batch import Batch, dense_labels, normalize
+from .distributed import DistInfo, gather_objects
+from .losses import get_loss
+from .metrics import mean_average_precision_detail, threshold_metrics
+from .run_dir import CsvLog, plot_map_curve, versions, write_json
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    amp: Optional[bool] = None  # bf16 autocast; None = on with CUDA, off on CPU
+    log_every: int = 20
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir; never
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"train.resume: {self.resume!r} is not one of auto, never")
+        if self.keep_checkpoints < 1 or self.eval_every < 1 or self.log_every < 1:
+            raise ValueError("train.keep_checkpoints, train.eval_every and train.log_every must be >= 1")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: "Config", dist_info: DistInfo):
+        from .data.loader import ShardLoader
+        from .model import build_model
+        from .optim import build_optimizer, build_scheduler
+        from .pseudo_labels import InMemoryPseudoLabels
+
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.run_dir = Path(cfg.train.run_dir)
+        self.loader = ShardLoader(cfg.data, dist_info.rank, dist_info.world_size, cfg.train.seed)
+        self.num_classes = self.loader.num_classes
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.num_classes).to(self.device)
+        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        if dist_info.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
+        if cfg.train.amp and not self.use_amp and dist_info.is_main:
+            warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
+        self.loss_fn = get_loss(cfg.loss.name, **dict(cfg.loss.params))
+        self.pseudo = InMemoryPseudoLabels(self.loader.train_split.num_samples, self.num_classes, cfg.pseudo)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.total_steps = sum(self.loader.num_batches(e) for e in range(1, cfg.train.epochs + 1))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(int(np.random.SeedSequence([cfg.train.seed, dist_info.rank, 7])
+                                       .generate_state(1)[0]))
+        self.epoch = 0  # last completed epoch
+        self.step = 0
+        self.history: list[dict] = []
+
+    # -- state -------------------------------------------------------------------------
+    def _core(self) -> torch.nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self._core().state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "pseudo": self.pseudo.state_dict(),
+            "epoch": self.epoch, "step": self.step, "history": self.history,
+            "generator": self.generator.get_state(), "world_size": self.dist.world_size,
+            "manifest": self.loader.manifest.fingerprint(), "arch": self.cfg.model.arch,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in (("world_size", self.dist.world_size),
+                          ("manifest", self.loader.manifest.fingerprint()), ("arch", self.cfg.model.arch)):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume: checkpoint {key} is {state[key]!r}, this run has {mine!r}")
+        self._core().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.pseudo.load_state_dict(state["pseudo"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def maybe_resume(self) -> Path | None:
+        if self.cfg.train.resume != "auto":
+            return None
+        found = load_latest(self.run_dir)
+        if found is None:
+            return None
+        state, path = found
+        self.load_state_dict(state)
+        return path
+
+    # -- loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from .config import to_yaml
+
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            write_json(self.run_dir / "run_info.json", {
+                "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
+                "device": str(self.device), "amp": self.use_amp, "versions": versions(),
+                "manifest_fingerprint": self.loader.manifest.fingerprint(),
+                "label_setting": self.cfg.data.label_setting, "loss": repr(self.loss_fn)})
+        metrics_log = CsvLog(self.run_dir / "metrics.csv") if main else None
+        step_log = CsvLog(self.run_dir / "train_log.csv") if main else None
+        for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
+            self.train_epoch(epoch, step_log)
+            self.epoch = epoch
+            if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
+                result = {"epoch": epoch, "step": self.step, **self.evaluate()}
+                self.history.append(result)
+                if main:
+                    metrics_log.write(result)
+                    print(f"epoch {epoch}: eval mAP {100 * result['map']:.2f}%", flush=True)
+            if main:
+                save_checkpoint(self.run_dir, self.state_dict(), epoch, self.step,
+                                self.cfg.train.keep_checkpoints)
+        final = self.history[-1] if self.history else {}
+        if main:
+            write_json(self.run_dir / "metrics.json", {"final": final, "history": self.history})
+            plot_map_curve(self.run_dir / "metrics.csv", self.run_dir / "map_curve.png")
+        return final
+
+    def train_epoch(self, epoch: int, step_log: CsvLog | None) -> None:
+        self.model.train()
+        num_batches = self.loader.num_batches(epoch)
+        bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="batch",
+                   disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
+        wait_s = 0.0
+        t_last = time.perf_counter()
+        stream = self.loader.train_epoch(epoch)
+        for i in range(num_batches):
+            t0 = time.perf_counter()
+            batch = next(stream).to(self.device)
+            wait_s += time.perf_counter() - t0
+            stats = self.train_step(batch, epoch)
+            bar.update(1)
+            if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
+                now = time.perf_counter()
+                elapsed = now - t_last
+                step_log.write({"epoch": epoch, "step": self.step, **stats,
+                                "lr": self.scheduler.get_last_lr()[0],
+                                "data_wait_share": wait_s / max(elapsed, 1e-9)})
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                wait_s, t_last = 0.0, now
+        bar.close()
+
+    def train_step(self, batch: Batch, epoch: int) -> dict:
+        targets_BC, known_BC = dense_labels(batch.pos_BP, batch.neg_BN, self.num_classes)
+        images = normalize(batch.images_BCHW, self.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            logits_BC = self.model(images)
+        pseudo_BC = self.pseudo.read(batch.rows_B).to(self.device) if self.loss_fn.uses_pseudo else None
+        stats: dict = {}
+        loss = self.loss_fn(logits_BC, targets_BC, known_BC, pseudo=pseudo_BC, epoch=epoch,
+                            num_epochs=self.cfg.train.epochs, generator=self.generator, stats=stats)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {self.step}; "
+                                f"last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.loss_fn.uses_pseudo:
+            self.pseudo.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()))
+        return {"loss": float(loss.detach()), **stats}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        rows, scores, targets, known = [], [], [], []
+        for batch in self.loader.eval_batches():
+            batch = batch.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                logits = self._core()(normalize(batch.images_BCHW, self.channels_last))
+            t, k = dense_labels(batch.pos_BP, batch.neg_BN, self.num_classes)
+            rows.append(batch.rows_B.cpu().numpy())
+            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
+            targets.append(t.cpu().numpy().astype(np.int8))
+            known.append(k.cpu().numpy())
+        self.model.train()
+        parts = gather_objects((rows, scores, targets, known))
+        cat = [np.concatenate([a for p in parts for a in p[j]]) for j in range(4)]
+        rows_N, scores_NC, targets_NC, known_NC = cat
+        # pad_last_batch may repeat a sample at a shard list's end; keep each row once.
+        _, first = np.unique(rows_N, return_index=True)
+        scores_NC, targets_NC, known_NC = scores_NC[first], targets_NC[first], known_NC[first]
+        detail = mean_average_precision_detail(scores_NC, targets_NC, known_NC)
+        return {"map": detail.map, "num_eval": int(len(first)), "skipped_classes": detail.num_skipped,
+                **threshold_metrics(scores_NC, targets_NC, known_NC)}
