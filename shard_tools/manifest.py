@@ -6,6 +6,7 @@ Layout of a built dataset directory (DESIGN.md sections 1-2)::
     {split}-{NNNNNN}.tar    samples: KEY.jpg, KEY.row (int64 LE), KEY.pos / KEY.neg (int32 LE), KEY.json
     {split}-{NNNNNN}.idx    DALI webdataset index of that tar
     {split}.keys.txt        line r = source id of the sample with global row id r
+    {split}.labels.npz      observed positive / negative ids of every row (CSR)
 
 The sample at position k of shard s has row ``s * shard_size + k``.
 """

@@ -102,8 +102,8 @@ class Report:
 def prepare_image(raw: bytes, enc: EncodeOptions) -> tuple[bytes, tuple[int, int]]:
     """Decode fully (a truncated file must fail here, not in training) and re-encode if asked.
 
-    Non-JPEG or non-RGB sources are always re-encoded as RGB JPEG, since the readers decode
-    JPEG only.
+    Non-JPEG sources and JPEGs other than RGB or grayscale (CMYK, YCCK) are always re-encoded
+    as RGB JPEG: every reader decodes those two to RGB itself.
     """
     try:
         img = Image.open(io.BytesIO(raw))
@@ -111,7 +111,7 @@ def prepare_image(raw: bytes, enc: EncodeOptions) -> tuple[bytes, tuple[int, int
         img.load()
     except Exception as exc:  # PIL raises many types for bad data
         raise BadInput(f"image does not decode ({type(exc).__name__}: {exc})") from exc
-    if not enc.reencodes and fmt == "JPEG" and img.mode == "RGB":
+    if not enc.reencodes and fmt == "JPEG" and img.mode in ("RGB", "L"):
         return raw, img.size
     img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "P"):
@@ -184,6 +184,8 @@ def write_split(
     order = np.random.default_rng(seed).permutation(len(records))
     shards: list[ShardInfo] = []
     keys: list[str] = []
+    pos_lists: list[list[int]] = []
+    neg_lists: list[list[int]] = []
     pending: list[tuple[str, dict[str, bytes]]] = []
     num_pos = num_neg = 0
 
@@ -220,6 +222,8 @@ def write_split(
         # Sample names inside the tar are the zero-padded row: unique, dot-free, sortable.
         pending.append((f"{row:010d}", members))
         keys.append(rec.key)
+        pos_lists.append(sorted(rec.pos))
+        neg_lists.append(sorted(rec.neg))
         num_pos += len(rec.pos)
         num_neg += len(rec.neg)
         if len(pending) == shard_size:
@@ -230,8 +234,18 @@ def write_split(
         raise BadInput(f"split {split}: no sample could be written (see the report)")
     keys_file = f"{split}.keys.txt"
     (out_dir / keys_file).write_text("\n".join(keys) + "\n")
+    # The whole split's observed labels in CSR form, so label settings (PAL, SPL, ...) and
+    # statistics need no pass over the images.
+    np.savez(out_dir / f"{split}.labels.npz", **_csr("pos", pos_lists), **_csr("neg", neg_lists))
     return SplitInfo(num_samples=len(keys), shards=shards, fully_labelled=fully_labelled,
                      num_positives=num_pos, num_negatives=num_neg, keys_file=keys_file)
+
+
+def _csr(name: str, lists: list[list[int]]) -> dict[str, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    indices = np.fromiter((c for x in lists for c in x), dtype=np.int32, count=int(indptr[-1]))
+    return {f"{name}_indptr": indptr, f"{name}_indices": indices}
 
 
 @dataclass

@@ -14,10 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shard_tools.manifest import ManifestError
+
 from .checkpoint import load_latest, save_checkpoint
 from .data.batch import Batch, dense_labels, normalize
 from .distributed import DistInfo, gather_objects
-from .losses import get_loss
+from .labels import LabelTable, make_partial, read_split_labels
+from .losses import LOSSES, get_loss
 from .metrics import mean_average_precision_detail, threshold_metrics
 from .run_dir import CsvLog, plot_map_curve, versions, write_json
 
@@ -77,9 +80,19 @@ class Trainer:
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
-        self.loss_fn = get_loss(cfg.loss.name, **dict(cfg.loss.params))
+        self.labels = self._label_table()
+        self.loss_fn = self._build_loss()
         self.pseudo = InMemoryPseudoLabels(self.loader.train_split.num_samples, self.num_classes, cfg.pseudo)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        params = [{"params": self.model.parameters()}]
+        self.estimator = None
+        if self.loss_fn.spec.uses_estimator:
+            from .losses.role_estimator import LabelEstimator
+
+            observed = self.labels.partial_NC.numpy() if self.labels is not None else read_split_labels(
+                cfg.data.shards, cfg.data.train_split, self.num_classes)
+            self.estimator = LabelEstimator(observed, seed=cfg.train.seed).to(self.device)
+            params.append({"params": self.estimator.parameters()})
+        self.optimizer = build_optimizer(params, cfg.optim)
         self.total_steps = sum(self.loader.num_batches(e) for e in range(1, cfg.train.epochs + 1))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.generator = torch.Generator(device=self.device)
@@ -89,6 +102,29 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
 
+    def _label_table(self) -> LabelTable | None:
+        """The label setting's table for the training split; None = the shards' labels as they are."""
+        data = self.cfg.data
+        if data.label_setting == "fal":
+            return None
+        if not self.loader.train_split.fully_labelled:
+            raise ManifestError(f"{data.shards}: split {data.train_split} is not fully labelled; "
+                                f"label_setting={data.label_setting} is made from full labels")
+        full = read_split_labels(data.shards, data.train_split, self.num_classes)
+        return LabelTable(make_partial(full, data.label_setting, data.label_ratio, data.label_seed))
+
+    def _build_loss(self):
+        params = dict(self.cfg.loss.params)
+        spec = LOSSES[self.cfg.loss.name]
+        if spec.uses_prior and params.get("expected_positives") is None:
+            split = self.loader.train_split
+            if not split.fully_labelled:
+                raise ManifestError(f"loss {self.cfg.loss.name} needs loss.params.expected_positives: "
+                                    f"split {self.cfg.data.train_split} is not fully labelled")
+            # Full-label statistics of the training split, as EPR prescribes.
+            params["expected_positives"] = split.num_positives / split.num_samples
+        return get_loss(self.cfg.loss.name, **params)
+
     # -- state -------------------------------------------------------------------------
     def _core(self) -> torch.nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
@@ -96,6 +132,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "model": self._core().state_dict(), "optimizer": self.optimizer.state_dict(),
+            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
             "scheduler": self.scheduler.state_dict(), "pseudo": self.pseudo.state_dict(),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "generator": self.generator.get_state(), "world_size": self.dist.world_size,
@@ -110,6 +147,8 @@ class Trainer:
             if state[key] != mine:
                 raise ValueError(f"cannot resume: checkpoint {key} is {state[key]!r}, this run has {mine!r}")
         self._core().load_state_dict(state["model"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(state["estimator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.pseudo.load_state_dict(state["pseudo"])
@@ -141,7 +180,9 @@ class Trainer:
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
                 "device": str(self.device), "amp": self.use_amp, "versions": versions(),
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
-                "label_setting": self.cfg.data.label_setting, "loss": repr(self.loss_fn)})
+                "label_setting": self.cfg.data.label_setting,
+                "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
+                "loss": repr(self.loss_fn)})
         metrics_log = CsvLog(self.run_dir / "metrics.csv") if main else None
         step_log = CsvLog(self.run_dir / "train_log.csv") if main else None
         for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
@@ -187,14 +228,24 @@ class Trainer:
         bar.close()
 
     def train_step(self, batch: Batch, epoch: int) -> dict:
-        targets_BC, known_BC = dense_labels(batch.pos_BP, batch.neg_BN, self.num_classes)
+        if self.labels is None:
+            pos_BP, neg_BN = batch.pos_BP, batch.neg_BN
+        else:
+            pos_BP, neg_BN = self.labels.ids(batch.rows_B, self.device)
         images = normalize(batch.images_BCHW, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             logits_BC = self.model(images)
         pseudo_BC = self.pseudo.read(batch.rows_B).to(self.device) if self.loss_fn.uses_pseudo else None
         stats: dict = {}
-        loss = self.loss_fn(logits_BC, targets_BC, known_BC, pseudo=pseudo_BC, epoch=epoch,
-                            num_epochs=self.cfg.train.epochs, generator=self.generator, stats=stats)
+        extra = dict(pseudo=pseudo_BC, epoch=epoch, num_epochs=self.cfg.train.epochs,
+                     generator=self.generator, stats=stats)
+        if self.estimator is not None:
+            extra["estimates_BC"] = self.estimator(batch.rows_B)
+        if self.loss_fn.has_sparse:
+            loss = self.loss_fn.sparse(logits_BC, pos_BP, neg_BN, **extra)
+        else:
+            targets_BC, known_BC = dense_labels(pos_BP, neg_BN, self.num_classes)
+            loss = self.loss_fn(logits_BC, targets_BC, known_BC, **extra)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {self.step}; "
                                 f"last good checkpoint is in {self.run_dir / 'checkpoints'}")

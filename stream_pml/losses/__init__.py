@@ -12,8 +12,19 @@ from typing import Any, Callable, Dict
 
 import torch
 
-from .baselines import an_loss, bce_loss
-from .pml import pml_loss
+from .baselines import (
+    an_loss,
+    asl_loss,
+    bce_loss,
+    epr_loss,
+    focal_loss,
+    hill_loss,
+    large_loss,
+    role_loss,
+    splc_loss,
+    wan_loss,
+)
+from .pml import pml_loss, pml_loss_sparse
 
 
 @dataclass(frozen=True)
@@ -21,19 +32,35 @@ class LossSpec:
     fn: Callable[..., torch.Tensor]
     defaults: dict
     uses_pseudo: bool = False
+    # Same loss from padded id lists (DESIGN.md section 6), where one exists.
+    sparse_fn: Callable[..., torch.Tensor] | None = None
+    # Needs the expected positives per image (from the manifest when not given).
+    uses_prior: bool = False
+    uses_estimator: bool = False
+    uses_epoch: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
-    "pml": LossSpec(pml_loss, {}, uses_pseudo=True),
+    "pml": LossSpec(pml_loss, {}, uses_pseudo=True, sparse_fn=pml_loss_sparse, uses_epoch=True),
     "bce": LossSpec(bce_loss, {}),
     "bce_ls": LossSpec(bce_loss, {"label_smoothing": 0.1}),
+    "focal": LossSpec(focal_loss, {}),
+    "asl": LossSpec(asl_loss, {}),
     "an": LossSpec(an_loss, {}),
     "an_ls": LossSpec(an_loss, {"label_smoothing": 0.1}),
+    "wan": LossSpec(wan_loss, {}),
+    "epr": LossSpec(epr_loss, {}, uses_prior=True),
+    "role": LossSpec(role_loss, {}, uses_prior=True, uses_estimator=True),
+    # Ignore unknown: BCE over the observed entries only (identical to bce under FAL).
     "iun": LossSpec(bce_loss, {}),
+    "hill": LossSpec(hill_loss, {}),
+    "splc": LossSpec(splc_loss, {}, uses_epoch=True),
+    "ll_r": LossSpec(large_loss, {"mode": "reject", "delta_rel": 0.002}, uses_epoch=True),
+    "ll_ct": LossSpec(large_loss, {"mode": "correct", "delta_rel": 0.001}, uses_epoch=True),
 }
 
 _CALL_ARGS = {"logits_BC", "targets_BC", "known_BC", "pseudo_BC", "epoch", "num_epochs",
-              "generator", "stats", "sampled_BC"}
+              "generator", "stats", "sampled_BC", "estimates_BC"}
 
 
 def hparam_names(name: str) -> list[str]:
@@ -57,10 +84,27 @@ class BoundLoss:
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor, *,
                  pseudo: torch.Tensor | None = None, epoch: int = 1, num_epochs: int = 1,
                  **extra: Any) -> torch.Tensor:
+        return self.spec.fn(logits, targets, known, **self._kwargs(pseudo, epoch, num_epochs, extra))
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.spec.sparse_fn is not None
+
+    def sparse(self, logits: torch.Tensor, pos_ids: torch.Tensor, neg_ids: torch.Tensor, *,
+               pseudo: torch.Tensor | None = None, epoch: int = 1, num_epochs: int = 1,
+               **extra: Any) -> torch.Tensor:
+        """The loss from padded (-1) positive / negative class-id lists of each image."""
+        if self.spec.sparse_fn is None:
+            raise TypeError(f"loss {self.name!r} has no sparse form")
+        return self.spec.sparse_fn(logits, pos_ids, neg_ids, **self._kwargs(pseudo, epoch, num_epochs, extra))
+
+    def _kwargs(self, pseudo, epoch: int, num_epochs: int, extra: dict) -> dict:
         kwargs = dict(self.hparams, **extra)
         if self.spec.uses_pseudo:
-            kwargs.update(pseudo_BC=pseudo, epoch=epoch, num_epochs=num_epochs)
-        return self.spec.fn(logits, targets, known, **kwargs)
+            kwargs.update(pseudo_BC=pseudo, num_epochs=num_epochs)
+        if self.spec.uses_epoch:
+            kwargs.update(epoch=epoch)
+        return kwargs
 
     def __repr__(self) -> str:
         return f"BoundLoss({self.name!r}, {self.hparams})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -64,32 +65,108 @@ def pml_loss(
     Reduction: mean over the images of the batch. Empty E_i or S_i contribute 0.
     Source: the research text (shared/PAPER.txt) with METHOD.md's decisions.
     """
-    if ab_scope not in AB_SCOPES:
-        raise ValueError(f"ab_scope: {ab_scope!r} is not one of {AB_SCOPES}")
     logp, logn = log_probs(logits_BC)
     known = known_BC.bool()
     y = targets_BC.float()
-    if pseudo_BC is None:
-        pseudo_BC = torch.full_like(logp, 0.5)
-    yt = pseudo_BC.detach().float()
+    yt = _pseudo(pseudo_BC, logp)
     if sampled_BC is None:
         sampled_BC = sample_unknown(~known, q, generator)
     sampled = sampled_BC & ~known
+    terms = _Terms(
+        pos_known=(y * logp * known).sum(1), neg_known=((1 - y) * logn * known).sum(1),
+        num_known=known.sum(1).float(), num_pos=(y * known).sum(),
+        pos_unk=(yt * logp * sampled).sum(1), neg_unk=((1 - yt) * logn * sampled).sum(1),
+        num_sampled=sampled.sum(1).float(), pseudo_mass=(yt * sampled).sum())
+    return _combine(terms, logp, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
+                    alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
+                    beta_counts_pseudo=beta_counts_pseudo, stats=stats)
+
+
+def pml_loss_sparse(
+    logits_BC: torch.Tensor,
+    pos_BP: torch.Tensor,
+    neg_BN: torch.Tensor,
+    *,
+    pseudo_BC: torch.Tensor | None = None,
+    epoch: int = 1,
+    num_epochs: int = 1,
+    gamma: float = 0.05,
+    m: float = 3.0,
+    q: float = 0.5,
+    alpha_beta: bool = True,
+    d: bool = True,
+    p: bool = True,
+    d_schedule: str = "text",
+    ab_scope: str = "known",
+    beta_counts_pseudo: bool = False,
+    generator: torch.Generator | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """:func:`pml_loss` from padded class-id lists (-1 = padding), as batches carry them.
+
+    The known part is gathered at the listed ids; the sampled unknown entries become an entry
+    list (row, class) whose terms are summed per image with ``index_add``. Same formula, same
+    sampling draw as the dense form for the same generator state (tested).
+    """
+    logp, logn = log_probs(logits_BC)
+    batch, num_classes = logp.shape
+    pos_valid, neg_valid = pos_BP >= 0, neg_BN >= 0
+    pos_ids, neg_ids = pos_BP.clamp(min=0).long(), neg_BN.clamp(min=0).long()
+    yt = _pseudo(pseudo_BC, logp)
+    known = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=logp.device)
+    known.scatter_(1, torch.where(pos_valid, pos_ids, num_classes), True)
+    known.scatter_(1, torch.where(neg_valid, neg_ids, num_classes), True)
+    sampled = sample_unknown(~known[:, :num_classes], q, generator)
+    rows_E, cols_E = sampled.nonzero(as_tuple=True)
+    yt_E = yt[rows_E, cols_E]
+    zeros_B = torch.zeros(batch, device=logp.device, dtype=logp.dtype)
+    terms = _Terms(
+        pos_known=(logp.gather(1, pos_ids) * pos_valid).sum(1),
+        neg_known=(logn.gather(1, neg_ids) * neg_valid).sum(1),
+        num_known=(pos_valid.sum(1) + neg_valid.sum(1)).float(), num_pos=pos_valid.sum().float(),
+        pos_unk=zeros_B.index_add(0, rows_E, yt_E * logp[rows_E, cols_E]),
+        neg_unk=zeros_B.index_add(0, rows_E, (1 - yt_E) * logn[rows_E, cols_E]),
+        num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum())
+    return _combine(terms, logp, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
+                    alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
+                    beta_counts_pseudo=beta_counts_pseudo, stats=stats)
+
+
+def _pseudo(pseudo_BC: torch.Tensor | None, logp: torch.Tensor) -> torch.Tensor:
+    # Pseudo labels are targets: never a path for gradients.
+    return torch.full_like(logp, 0.5) if pseudo_BC is None else pseudo_BC.detach().float()
+
+
+@dataclass
+class _Terms:
+    """Per-image sums (B,) of the four parts of eq. 12 and the batch counts for beta."""
+
+    pos_known: torch.Tensor
+    neg_known: torch.Tensor
+    num_known: torch.Tensor
+    num_pos: torch.Tensor
+    pos_unk: torch.Tensor
+    neg_unk: torch.Tensor
+    num_sampled: torch.Tensor
+    pseudo_mass: torch.Tensor
+
+
+def _combine(t: _Terms, logp: torch.Tensor, *, epoch: int, num_epochs: int, gamma: float, m: float,
+             alpha_beta: bool, d: bool, p: bool, d_schedule: str, ab_scope: str,
+             beta_counts_pseudo: bool, stats: dict | None) -> torch.Tensor:
+    if ab_scope not in AB_SCOPES:
+        raise ValueError(f"ab_scope: {ab_scope!r} is not one of {AB_SCOPES}")
     with torch.no_grad():
-        num_pos = (y * known).sum()
-        num_entries = known.sum() + sampled.sum()
-        if beta_counts_pseudo:
-            num_pos = num_pos + (yt * sampled).sum()
-        num_pos, num_entries = all_reduce_sum(num_pos, num_entries)
+        num_pos = t.num_pos + (t.pseudo_mass if beta_counts_pseudo else 0.0)
+        num_pos, num_entries = all_reduce_sum(num_pos, t.num_known.sum() + t.num_sampled.sum())
         beta = max(float(num_pos / num_entries.clamp(min=1.0)), gamma) if alpha_beta else 1.0
         alpha = 1.0 - beta if alpha_beta else 1.0
         d_val = d_weight(epoch, num_epochs, m, d_schedule) if d else 1.0
         all_low = (logp < math.log(0.1)).all(dim=1)
         p_B = torch.where(all_low & p, 2.0, 1.0).to(logp.dtype)
-    pos_known = masked_row_mean(y * logp, known)
-    neg_known = masked_row_mean((1 - y) * logn, known)
-    pos_unk = d_val * masked_row_mean(yt * logp, sampled)
-    neg_unk = d_val * masked_row_mean((1 - yt) * logn, sampled)
+    ne, ns = t.num_known.clamp(min=1.0), t.num_sampled.clamp(min=1.0)
+    pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
+    pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
     if ab_scope == "all":
         per_image = alpha * (pos_known + pos_unk) + beta * (neg_known + neg_unk)
     else:

@@ -1,0 +1,41 @@
+"""ROLE's learnable N x C label estimator (Cole et al. 2021), kept in memory by row id."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+class LabelEstimator(nn.Module):
+    """Logits of estimated labels for every (row, class) of the training split.
+
+    Initialisation (ours; Cole et al. leave it to code): observed positives at logit(0.995),
+    observed negatives at logit(0.005), unknown entries at logit(u), u ~ U(0.4, 0.6) seeded.
+    """
+
+    def __init__(self, partial_NC: np.ndarray, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES):
+        super().__init__()
+        num_rows, num_classes = partial_NC.shape
+        need = num_rows * num_classes * 4 * 3  # weights + Adam's two moments
+        if need > max_bytes:
+            raise MemoryError(
+                f"ROLE keeps a {num_rows} x {num_classes} estimator with Adam state in memory "
+                f"({need / 2**30:.1f} GiB > the {max_bytes / 2**30:.1f} GiB limit); use another "
+                "loss for a split this large, or raise the limit knowingly")
+        rng = np.random.default_rng(seed)
+        init = rng.uniform(0.4, 0.6, size=partial_NC.shape)
+        init[partial_NC == 1] = 0.995
+        init[partial_NC == 0] = 0.005
+        self.logits_NC = nn.Parameter(torch.from_numpy(np.log(init / (1 - init))).float())
+
+    def forward(self, rows_B: torch.Tensor) -> torch.Tensor:
+        return self.logits_NC[rows_B.to(self.logits_NC.device)]
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))

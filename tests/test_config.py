@@ -1,0 +1,56 @@
+"""Config files and overrides fail before any work, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream_pml.config import ConfigError, load_config
+from stream_pml.train import main
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lr: 0.5\ntrain:\n  epochs: 3\n")
+    cfg = load_config(str(f), ["optim.lr=0.25"])
+    assert cfg.optim.lr == 0.25 and cfg.train.epochs == 3 and cfg.model.arch == "resnet50"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("train.epochs=many", "train.epochs"),
+    ("nosection.x=1", "nosection"),
+])
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_typo_in_yaml_names_the_key(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.batchsize"):
+        load_config(str(f))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.label_setting=xal", "data.label_setting"),
+    ("optim.lr=-1", "optim.lr"),
+    ("loss.name=nope", "loss.name"),
+    ("+loss.params.gama=0.1", "loss.params.gama"),
+    ("model.arch=resnet5000", "model.arch"),
+])
+def test_invalid_value_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override.lstrip("+")])
+
+
+def test_main_reports_config_error_before_any_work(tmp_path, capsys):
+    assert main([f"train.run_dir={tmp_path / 'run'}", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_shard_directory_is_named(tmp_path, capsys):
+    missing = tmp_path / "no_shards"
+    assert main([f"data.shards={missing}", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert str(missing) in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""Training end to end on tiny shards: one process via main(), two via torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stream_pml.train import main
+
+from .conftest import REPO, tiny_overrides
+
+
+@pytest.mark.slow
+def test_main_trains_evaluates_and_writes_the_run_dir(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
+    for name in ("config.yaml", "run_info.json", "metrics.csv", "train_log.csv", "metrics.json",
+                 "map_curve.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert 0.0 < metrics["final"]["map"] <= 1.0 and metrics["final"]["num_eval"] == 40
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["seed"] == 0 and "torch" in info["versions"]
+    assert len(list((run / "checkpoints").glob("*.pt"))) == 2
+    # A finished run resumes to nothing left to do and keeps its results.
+    assert main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
+    assert json.loads((run / "metrics.json").read_text())["final"] == metrics["final"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_model(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny_overrides(digits_shards, run)) == 0
+    with pytest.raises(ValueError, match="arch"):
+        main(tiny_overrides(digits_shards, run, **{"model.arch": "resnet18", "train.epochs": 2}))
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "stream_pml.train", *tiny_overrides(digits_shards, run, **{"train.epochs": 2})]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    # Both ranks' eval shards are gathered: all 40 test images are scored.
+    assert metrics["final"]["num_eval"] == 40
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["world_size"] == 2
