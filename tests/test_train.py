@@ -54,3 +54,26 @@ def test_torchrun_two_gloo_processes(digits_shards, tmp_path):
     assert metrics["final"]["num_eval"] == 40
     info = json.loads((run / "run_info.json").read_text())
     assert info["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, setting", [
+    *[(name, "spl") for name in ("pml", "bce", "bce_ls", "focal", "asl", "an", "an_ls", "wan",
+                                  "epr", "role", "iun", "hill", "splc", "ll_r", "ll_ct")],
+    ("pml", "fal"), ("pml", "pal"), ("pml", "ppl"),
+])
+def test_config_selects_any_loss_and_setting(digits_shards, tmp_path, loss, setting):
+    from stream_pml.losses import LOSSES
+
+    assert loss in LOSSES
+    extra = {"loss.name": loss, "data.label_setting": setting, "train.epochs": 2}
+    if setting in ("pal", "ppl"):
+        extra["data.label_ratio"] = 0.5
+    run = tmp_path / "run"
+    assert main(tiny_overrides(digits_shards, run, **extra)) == 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["label_setting"] == setting and loss in info["loss"]
+    if setting != "fal":
+        assert len(info["label_setting_hash"]) == 16
+    log = (run / "train_log.csv").read_text().splitlines()
+    assert len(log) > 2

@@ -1,0 +1,225 @@
+"""Every loss against its naive reference, on random and edge-case batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stream_pml.losses import LOSSES, get_loss
+from stream_pml.losses.common import sample_unknown
+from stream_pml.losses.pml import pml_loss, pml_loss_sparse
+
+from . import reference_losses as ref
+
+KINDS = ("random", "no_negatives", "edge_rows", "extreme")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPOCH, NUM_EPOCHS, K_EXP = 3, 5, 1.7
+
+
+def make_batch(kind: str, seed: int, B: int = 5, C: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, C, generator=g) * 3
+    targets = (torch.rand(B, C, generator=g) < 0.35).float()
+    targets[:, 0] = 1.0  # every image has a positive
+    known = torch.rand(B, C, generator=g) < 0.5
+    if kind == "no_negatives":  # PPL / SPL: only positives observed
+        known = known & (targets == 1)
+        known[:, 0] = True
+    elif kind == "edge_rows":
+        known[0] = False  # an image with no known label
+        known[1] = True  # an image with every class known
+    elif kind == "extreme":
+        logits = torch.where(torch.rand(B, C, generator=g) < 0.5, -50.0, 50.0)
+        logits[2] = -50.0  # every prediction < 0.1: p = 2
+    pseudo = torch.rand(B, C, generator=g)
+    estimates = torch.randn(B, C, generator=g)
+    return logits, targets, known, pseudo, estimates
+
+
+def reference(name: str, logits, targets, known, pseudo, estimates, sampled):
+    L, T, K = logits.double().tolist(), targets.tolist(), known.tolist()
+    if name in ("bce", "iun"):
+        return ref.bce(L, T, K)
+    if name == "bce_ls":
+        return ref.bce(L, T, K, label_smoothing=0.1)
+    if name == "an":
+        return ref.an(L, T, K)
+    if name == "an_ls":
+        return ref.an(L, T, K, label_smoothing=0.1)
+    if name == "wan":
+        return ref.wan(L, T, K)
+    if name == "focal":
+        return ref.focal(L, T, K)
+    if name == "asl":
+        return ref.asl(L, T, K)
+    if name == "epr":
+        return ref.epr(L, T, K, K_EXP)
+    if name == "role":
+        return ref.role(L, T, K, estimates.double().tolist(), K_EXP)
+    if name == "hill":
+        return ref.hill(L, T, K)
+    if name == "splc":
+        return ref.splc(L, T, K, EPOCH)
+    if name == "ll_r":
+        return ref.large_loss(L, T, K, EPOCH, 0.002, "reject")
+    if name == "ll_ct":
+        return ref.large_loss(L, T, K, EPOCH, 0.001, "correct")
+    if name == "pml":
+        return ref.pml(L, T, K, pseudo.tolist(), sampled.tolist(), epoch=EPOCH, num_epochs=NUM_EPOCHS)
+    raise AssertionError(f"no reference for {name}")
+
+
+def call(name: str, logits, targets, known, pseudo, estimates, sampled):
+    hp = {"expected_positives": K_EXP} if LOSSES[name].uses_prior else {}
+    fn = get_loss(name, **hp)
+    extra = {"estimates_BC": estimates} if name == "role" else {}
+    if name == "pml":
+        extra["sampled_BC"] = sampled
+    return fn(logits, targets, known, pseudo=pseudo, epoch=EPOCH, num_epochs=NUM_EPOCHS, **extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_matches_naive_reference(name, kind, dtype):
+    logits, targets, known, pseudo, estimates = make_batch(kind, seed=hash((name, kind)) % 1000)
+    # ll_* need a batch large enough for k >= 1 rejected entries at epoch 3.
+    if name.startswith("ll_"):
+        logits, targets, known, pseudo, estimates = make_batch(kind, 11, B=40, C=13)
+    sampled = sample_unknown(~known, 0.5, torch.Generator().manual_seed(1))
+    logits = logits.to(dtype).requires_grad_(True)
+    loss = call(name, logits, targets, known, pseudo, estimates, sampled)
+    expected = reference(name, logits.detach().float(), targets, known, pseudo, estimates, sampled)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert math.isfinite(loss.item())
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_large_loss_really_modifies_entries():
+    logits, targets, known, *_ = make_batch("random", 11, B=40, C=13)
+    base = get_loss("an")(logits, targets, known)
+    assert get_loss("ll_r")(logits, targets, known, epoch=1) == pytest.approx(float(base))
+    assert get_loss("ll_r")(logits, targets, known, epoch=3) < base
+
+
+@pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.77, 1.0])
+def test_pml_samples_exactly_ceil_q_unknown_per_image(q):
+    g = torch.Generator().manual_seed(0)
+    known = torch.rand(64, 50, generator=g) < torch.rand(64, 1, generator=g)
+    sampled = sample_unknown(~known, q, torch.Generator().manual_seed(5))
+    num_unknown = (~known).sum(1)
+    expected = torch.tensor([math.ceil(round(q * int(n), 9)) for n in num_unknown])
+    assert torch.equal(sampled.sum(1), expected)
+    assert not (sampled & known).any()
+    again = sample_unknown(~known, q, torch.Generator().manual_seed(5))
+    assert torch.equal(sampled, again)
+    if q < 1:
+        other = sample_unknown(~known, q, torch.Generator().manual_seed(6))
+        assert not torch.equal(sampled, other)
+
+
+def test_pml_sampling_is_uniform():
+    known = torch.zeros(4000, 10, dtype=torch.bool)
+    known[:, :2] = True
+    sampled = sample_unknown(~known, 0.25, torch.Generator().manual_seed(0))  # 2 of 8 each
+    freq = sampled[:, 2:].float().mean(0)
+    assert torch.allclose(freq, torch.full((8,), 0.25), atol=0.03)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pml_sparse_equals_dense(kind):
+    from stream_pml.labels import _padded_ids
+
+    logits, targets, known, pseudo, _ = make_batch(kind, 3, B=9, C=11)
+    pos = _padded_ids(known & (targets == 1))
+    neg = _padded_ids(known & (targets == 0))
+    for hp in ({}, {"ab_scope": "all", "beta_counts_pseudo": True}, {"q": 1.0, "p": False}):
+        s_dense, s_sparse = {}, {}
+        dense = pml_loss(logits, targets, known, pseudo_BC=pseudo, epoch=2, num_epochs=4,
+                         generator=torch.Generator().manual_seed(9), stats=s_dense, **hp)
+        sparse = pml_loss_sparse(logits, pos, neg, pseudo_BC=pseudo, epoch=2, num_epochs=4,
+                                 generator=torch.Generator().manual_seed(9), stats=s_sparse, **hp)
+        torch.testing.assert_close(sparse, dense)
+        assert s_dense == pytest.approx(s_sparse)
+
+
+def test_pml_beta_keeps_positive_term_without_observed_negatives():
+    logits, targets, known, pseudo, _ = make_batch("no_negatives", 4, B=16, C=20)
+    stats: dict = {}
+    pml_loss(logits, targets, known, pseudo_BC=pseudo, generator=torch.Generator().manual_seed(0), stats=stats)
+    assert stats["beta"] < 0.5 and stats["alpha"] > 0.5
+
+
+def test_pml_ablation_switches_reduce_to_simpler_losses():
+    logits, targets, known, pseudo, _ = make_batch("random", 8, B=6, C=9)
+    logits = logits - 6  # most rows have every prediction < 0.1, so p matters
+    everything = ~known
+    kw = dict(pseudo_BC=pseudo, sampled_BC=everything, epoch=2, num_epochs=10)
+    # All switches off and q = 1: plain per-image BCE on known entries + BCE to the pseudo labels.
+    off = pml_loss(logits, targets, known, alpha_beta=False, d=False, p=False, q=1.0, **kw)
+    x = logits.double()
+    lp, ln = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
+    k = known.double()
+    known_part = (targets * lp + (1 - targets) * ln) * k
+    pseudo_part = (pseudo * lp + (1 - pseudo) * ln) * (1 - k)
+    simple = -(known_part.sum(1) / k.sum(1).clamp(min=1) + pseudo_part.sum(1) / (1 - k).sum(1).clamp(min=1)).mean()
+    torch.testing.assert_close(off.double(), simple, rtol=1e-5, atol=1e-6)
+    # Each switch alone changes the value (so it is wired), and matches the reference.
+    L, T, K = logits.double().tolist(), targets.tolist(), known.tolist()
+    for switch in ("alpha_beta", "d", "p"):
+        one_off = pml_loss(logits, targets, known, q=1.0, **{switch: False}, **kw)
+        expected = ref.pml(L, T, K, pseudo.tolist(), everything.tolist(), epoch=2, num_epochs=10,
+                           **{switch: False})
+        assert one_off.item() == pytest.approx(expected, rel=1e-5)
+        assert one_off.item() != pytest.approx(pml_loss(logits, targets, known, q=1.0, **kw).item(), rel=1e-4)
+
+
+def test_pml_printed_forms_are_available():
+    logits, targets, known, pseudo, _ = make_batch("random", 2)
+    sampled = ~known
+    for hp in ({"d_schedule": "printed"}, {"ab_scope": "all"}):
+        got = get_loss("pml", **hp)(logits, targets, known, pseudo=pseudo, epoch=1, num_epochs=4,
+                                    sampled_BC=sampled)
+        expected = ref.pml(logits.double().tolist(), targets.tolist(), known.tolist(), pseudo.tolist(),
+                           sampled.tolist(), epoch=1, num_epochs=4, **hp)
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pml_pseudo_labels_get_no_gradient():
+    logits, targets, known, pseudo, _ = make_batch("random", 1)
+    pseudo = pseudo.clone().requires_grad_(True)
+    get_loss("pml")(logits.requires_grad_(True), targets, known, pseudo=pseudo).backward()
+    assert pseudo.grad is None
+
+
+def test_d_schedule_is_one_at_e_t_minus_m():
+    from stream_pml.losses.pml import d_weight
+
+    assert d_weight(7, 10, m=3) == pytest.approx(1.0)
+    assert d_weight(1, 10, m=3) < 1.0 < d_weight(10, 10, m=3)
+    assert d_weight(7, 10, m=3, schedule="printed") == pytest.approx(math.exp(1.0))
+
+
+def test_unknown_hyperparameter_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match=r"loss\.params\.gama.*gamma"):
+        get_loss("pml", gama=0.1)
+    with pytest.raises(ValueError, match="unknown loss"):
+        get_loss("nope")
+
+
+def test_role_estimator_refuses_what_does_not_fit():
+    import numpy as np
+
+    from stream_pml.losses.role_estimator import LabelEstimator
+
+    # A broadcast view: the size check must refuse before anything is allocated.
+    with pytest.raises(MemoryError, match="5600000 x 600"):
+        LabelEstimator(np.broadcast_to(np.int8(-1), (5_600_000, 600)))
+    small = LabelEstimator(np.array([[1, 0, -1]], dtype=np.int8))
+    probs = torch.sigmoid(small(torch.tensor([0])))[0]
+    assert probs[0] > 0.99 and probs[1] < 0.01 and 0.4 <= probs[2] <= 0.6
