@@ -31,6 +31,8 @@ class MapResult:
     per_class_ap: np.ndarray  # NaN for skipped classes
     num_skipped: int
     skipped: list[int] = field(default_factory=list)
+    # Expected mAP of random scores: each class's AP is then its positive rate on average.
+    chance_map: float = float("nan")
 
 
 def mean_average_precision_detail(scores: np.ndarray, targets: np.ndarray,
@@ -41,6 +43,7 @@ def mean_average_precision_detail(scores: np.ndarray, targets: np.ndarray,
     targets = np.asarray(targets)
     known = np.ones_like(targets, dtype=bool) if known is None else np.asarray(known, dtype=bool)
     aps = np.full(scores.shape[1], np.nan)
+    prevalence = np.full(scores.shape[1], np.nan)
     skipped = []
     for c in range(scores.shape[1]):
         k = known[:, c]
@@ -49,8 +52,10 @@ def mean_average_precision_detail(scores: np.ndarray, targets: np.ndarray,
             skipped.append(c)
             continue
         aps[c] = average_precision(scores[k, c], y)
+        prevalence[c] = y.mean()
     valid = aps[~np.isnan(aps)]
-    return MapResult(float(valid.mean()) if valid.size else float("nan"), aps, len(skipped), skipped)
+    return MapResult(float(valid.mean()) if valid.size else float("nan"), aps, len(skipped), skipped,
+                     float(np.nanmean(prevalence)) if valid.size else float("nan"))
 
 
 def mean_average_precision(scores: np.ndarray, targets: np.ndarray, known: np.ndarray | None = None) -> float:

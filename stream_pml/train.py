@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)
         final = trainer.train()
         if dist_info.is_main and final:
-            print(f"final eval mAP {100 * final['map']:.2f}% ({final['num_eval']} images); "
-                  f"run directory: {cfg.train.run_dir}", flush=True)
+            print(f"final eval mAP {100 * final['map']:.2f}% on {final['num_eval']} images "
+                  f"(chance level {100 * final['chance_map']:.2f}%); run directory: "
+                  f"{cfg.train.run_dir}", flush=True)
         return 0
     finally:
         teardown()

@@ -279,5 +279,6 @@ class Trainer:
         _, first = np.unique(rows_N, return_index=True)
         scores_NC, targets_NC, known_NC = scores_NC[first], targets_NC[first], known_NC[first]
         detail = mean_average_precision_detail(scores_NC, targets_NC, known_NC)
-        return {"map": detail.map, "num_eval": int(len(first)), "skipped_classes": detail.num_skipped,
+        return {"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
+                "skipped_classes": detail.num_skipped,
                 **threshold_metrics(scores_NC, targets_NC, known_NC)}

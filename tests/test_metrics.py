@@ -42,3 +42,11 @@ def test_threshold_metrics_by_hand():
     assert m["CP"] == pytest.approx(0.75) and m["CR"] == pytest.approx(0.75)
     assert m["OP"] == pytest.approx(3 / 4) and m["OR"] == pytest.approx(3 / 4)
     assert m["CF1"] == pytest.approx(0.75) and m["OF1"] == pytest.approx(0.75)
+
+
+def test_chance_map_is_what_random_scores_get():
+    rng = np.random.default_rng(1)
+    targets = (rng.random((4000, 5)) < np.array([0.05, 0.1, 0.2, 0.4, 0.6])).astype(int)
+    detail = mean_average_precision_detail(rng.random((4000, 5)), targets)
+    assert detail.chance_map == pytest.approx(targets.mean(0).mean())
+    assert detail.map == pytest.approx(detail.chance_map, abs=0.03)
