@@ -1,55 +1,108 @@
-"""Atomic checkpoints in the run directory: write to a temporary name, fsync, rename."""
+"""Checkpoint directories in ``<run_dir>/checkpoints``, published atomically.
+
+A checkpoint is a directory ``ckpt-eEEEE-sSSSSSSSSS`` holding ``trainer.pt`` (rank 0: model,
+optimizer, scheduler, counters, config), ``rank{r}.pt`` (each rank: data position with
+DALI's pipeline checkpoint, RNG states) and each rank's pseudo-label journal. It is written
+under a ``.tmp`` name, every file fsynced, then renamed: a crash leaves either the whole
+checkpoint or a ``.tmp`` leftover that is ignored (and removed by the next save).
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
-PATTERN = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
+PATTERN = re.compile(r"^ckpt-e(\d+)-s(\d+)$")
+MAIN_FILE = "trainer.pt"
+RANK_FILE = "rank{rank}.pt"
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
-    return f"ckpt-e{epoch:04d}-s{step:09d}.pt"
+    return f"ckpt-e{epoch:04d}-s{step:09d}"
 
 
-def save_checkpoint(run_dir: Path, state: dict, epoch: int, step: int, keep: int) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / checkpoint_name(epoch, step)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tmp_dir(run_dir: Path, epoch: int, step: int) -> Path:
+    return checkpoints_dir(run_dir) / (checkpoint_name(epoch, step) + ".tmp")
+
+
+def save_file(path: Path, obj: object) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-    return path
+        os.close(fd)
+
+
+def prepare(run_dir: Path, epoch: int, step: int) -> Path:
+    """Fresh temporary directory for a checkpoint (rank 0, before the others write)."""
+    tmp = tmp_dir(run_dir, epoch, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path) -> Path:
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if final.exists():  # the same step saved again (e.g. a signal right at an epoch end)
+        shutil.rmtree(final)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (``.tmp`` leftovers of a crash are ignored)."""
-    ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.is_dir():
+    """Published checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if PATTERN.match(p.name)]
+    found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name)]
     return sorted(found, key=lambda p: tuple(int(g) for g in PATTERN.match(p.name).groups()))
 
 
-def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
-    """Newest checkpoint that loads; a corrupt one is skipped with a warning naming it."""
-    for path in reversed(list_checkpoints(run_dir)):
+def load(path: Path, rank: int) -> tuple[dict, dict]:
+    main = torch.load(path / MAIN_FILE, map_location="cpu", weights_only=False)
+    mine = torch.load(path / RANK_FILE.format(rank=rank), map_location="cpu", weights_only=False)
+    return main, mine
+
+
+def newest_loadable(run_dir: Path, rank: int) -> int:
+    """Index in :func:`list_checkpoints` of the newest checkpoint this rank can load, or -1.
+    A corrupt or partial one is skipped with a warning naming it."""
+    ckpts = list_checkpoints(run_dir)
+    for i in range(len(ckpts) - 1, -1, -1):
         try:
-            return torch.load(path, map_location="cpu", weights_only=False), path
+            load(ckpts[i], rank)
+            return i
         except Exception as exc:  # a truncated file raises from several layers
-            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}")
-    return None
+            warnings.warn(f"skipping unreadable checkpoint {ckpts[i]}: {type(exc).__name__}: {exc}")
+    return -1
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = checkpoints_dir(run_dir)
+    for leftover in root.glob("*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)

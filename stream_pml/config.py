@@ -17,7 +17,7 @@ from .data.config import DataConfig
 from .losses import LossConfig
 from .model import ModelConfig
 from .optim import OptimConfig
-from .pseudo_labels import PseudoConfig
+from .pseudo_store import PseudoConfig
 from .trainer import TrainConfig
 
 

@@ -47,6 +47,16 @@ class CsvLog:
             w.writerow(row)
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rewrite a whole CSV (the per-epoch metrics, from the checkpointed history)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))

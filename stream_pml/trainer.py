@@ -16,16 +16,17 @@ from tqdm import tqdm
 
 from shard_tools.manifest import ManifestError
 
-from .checkpoint import load_latest, save_checkpoint
+from . import checkpoint as ckpt
 from .data.batch import Batch, dense_labels, normalize
-from .distributed import DistInfo, gather_objects
+from .distributed import DistInfo, StopOnSignal, all_reduce_flags, all_reduce_min, barrier, gather_objects
 from .labels import LabelTable, make_partial, read_split_labels
 from .losses import LOSSES, get_loss
 from .metrics import mean_average_precision_detail, threshold_metrics
-from .run_dir import CsvLog, plot_map_curve, versions, write_json
+from .pseudo_store import PseudoLabelStore
+from .run_dir import CsvLog, plot_map_curve, versions, write_csv, write_json
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config import Config  # noqa: F401
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir; never
     eval_every: int = 1
+    # Checkpoint every N steps as well as at each epoch end; 0 = epoch ends only.
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -47,6 +50,8 @@ class TrainConfig:
             raise ValueError(f"train.device: {self.device!r} is not one of auto, cpu, cuda")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"train.resume: {self.resume!r} is not one of auto, never")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.keep_checkpoints < 1 or self.eval_every < 1 or self.log_every < 1:
             raise ValueError("train.keep_checkpoints, train.eval_every and train.log_every must be >= 1")
 
@@ -60,7 +65,6 @@ class Trainer:
         from .data.loader import ShardLoader
         from .model import build_model
         from .optim import build_optimizer, build_scheduler
-        from .pseudo_labels import InMemoryPseudoLabels
 
         self.cfg = cfg
         self.dist = dist_info
@@ -82,7 +86,7 @@ class Trainer:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
         self.labels = self._label_table()
         self.loss_fn = self._build_loss()
-        self.pseudo = InMemoryPseudoLabels(self.loader.train_split.num_samples, self.num_classes, cfg.pseudo)
+        self.store = self._open_store()
         params = [{"params": self.model.parameters()}]
         self.estimator = None
         if self.loss_fn.spec.uses_estimator:
@@ -99,8 +103,10 @@ class Trainer:
         self.generator.manual_seed(int(np.random.SeedSequence([cfg.train.seed, dist_info.rank, 7])
                                        .generate_state(1)[0]))
         self.epoch = 0  # last completed epoch
+        self.batch_in_epoch = 0  # batches of epoch + 1 already trained
         self.step = 0
         self.history: list[dict] = []
+        self._resume_dali: str | None = None
 
     def _label_table(self) -> LabelTable | None:
         """The label setting's table for the training split; None = the shards' labels as they are."""
@@ -112,6 +118,19 @@ class Trainer:
                                 f"label_setting={data.label_setting} is made from full labels")
         full = read_split_labels(data.shards, data.train_split, self.num_classes)
         return LabelTable(make_partial(full, data.label_setting, data.label_ratio, data.label_seed))
+
+    def _open_store(self) -> PseudoLabelStore:
+        split = self.loader.train_split
+        path = Path(self.cfg.pseudo.path) if self.cfg.pseudo.path else self.run_dir / "pseudo_labels.zarr"
+        identity = {"manifest": self.loader.manifest.fingerprint(), "split": self.cfg.data.train_split,
+                    "label_setting": self.labels.hash if self.labels is not None else "as built"}
+        args = (path, split.num_samples, self.num_classes, self.loader.manifest.shard_size, identity,
+                self.cfg.pseudo)
+        if self.dist.is_main:  # one process creates it, the others open it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = PseudoLabelStore(*args)
+        barrier()
+        return store if self.dist.is_main else PseudoLabelStore(*args, create=False)
 
     def _build_loss(self):
         params = dict(self.cfg.loss.params)
@@ -125,107 +144,169 @@ class Trainer:
             params["expected_positives"] = split.num_positives / split.num_samples
         return get_loss(self.cfg.loss.name, **params)
 
-    # -- state -------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
     def _core(self) -> torch.nn.Module:
         return self.model.module if hasattr(self.model, "module") else self.model
 
     def state_dict(self) -> dict:
+        """What every rank shares (saved once, by rank 0)."""
         return {
             "model": self._core().state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "estimator": self.estimator.state_dict() if self.estimator is not None else None,
-            "scheduler": self.scheduler.state_dict(), "pseudo": self.pseudo.state_dict(),
-            "epoch": self.epoch, "step": self.step, "history": self.history,
-            "generator": self.generator.get_state(), "world_size": self.dist.world_size,
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "history": self.history, "world_size": self.dist.world_size,
             "manifest": self.loader.manifest.fingerprint(), "arch": self.cfg.model.arch,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate()},
+            "config": _config_dict(self.cfg),
         }
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("world_size", self.dist.world_size),
                           ("manifest", self.loader.manifest.fingerprint()), ("arch", self.cfg.model.arch)):
             if state[key] != mine:
-                raise ValueError(f"cannot resume: checkpoint {key} is {state[key]!r}, this run has {mine!r}")
+                raise ValueError(f"cannot resume from {self.run_dir}: the checkpoint's {key} is "
+                                 f"{state[key]!r}, this run's is {mine!r} (use a new train.run_dir)")
         self._core().load_state_dict(state["model"])
         if self.estimator is not None:
             self.estimator.load_state_dict(state["estimator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.pseudo.load_state_dict(state["pseudo"])
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.step, self.history = state["step"], state["history"]
+
+    def rank_state_dict(self, stream=None) -> dict:
+        """What differs per rank: data position (DALI's checkpoint) and random states."""
+        return {
+            "dali": stream.checkpoint() if stream is not None and self.batch_in_epoch else None,
+            "generator": self.generator.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
+        }
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self._resume_dali = state["dali"]
         self.generator.set_state(state["generator"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
 
     def maybe_resume(self) -> Path | None:
-        if self.cfg.train.resume != "auto":
+        """Continue from the newest loadable checkpoint and bring the store to its state."""
+        rank = self.dist.rank
+        ckpts = ckpt.list_checkpoints(self.run_dir)
+        index = ckpt.newest_loadable(self.run_dir, rank) if self.cfg.train.resume == "auto" else -1
+        index = int(all_reduce_min(index))  # every rank resumes from the same checkpoint
+        # Journals of checkpoints newer than the one resumed may have reached the store.
+        for newer in reversed(ckpts[index + 1:]):
+            self.store.rollback_journal(newer, rank)
+        for older in ckpts[: index + 1]:
+            self.store.apply_journal(older, rank)
+        barrier()
+        if index < 0:
             return None
-        found = load_latest(self.run_dir)
-        if found is None:
-            return None
-        state, path = found
-        self.load_state_dict(state)
-        return path
+        main_state, rank_state = ckpt.load(ckpts[index], rank)
+        self.load_state_dict(main_state)
+        self.load_rank_state_dict(rank_state)
+        return ckpts[index]
+
+    def save_checkpoint(self, stream=None) -> Path:
+        """Atomic checkpoint of every rank, then the pseudo-label journal goes to Zarr."""
+        rank, main = self.dist.rank, self.dist.is_main
+        # The previous checkpoint's journal must be in the store before it may be pruned.
+        self.store.flush()
+        tmp = ckpt.tmp_dir(self.run_dir, self.epoch, self.step)
+        if main:
+            ckpt.prepare(self.run_dir, self.epoch, self.step)
+        barrier()
+        self.store.save_journal(tmp, rank)
+        ckpt.save_file(tmp / ckpt.RANK_FILE.format(rank=rank), self.rank_state_dict(stream))
+        if main:
+            ckpt.save_file(tmp / ckpt.MAIN_FILE, self.state_dict())
+        barrier()
+        final = tmp.with_name(tmp.name[: -len(".tmp")])
+        if main:
+            ckpt.publish(tmp)
+        barrier()
+        self.store.apply_journal_async(final, rank)
+        if main:
+            ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+        return final
 
     # -- loop ------------------------------------------------------------------------------
     def train(self) -> dict:
-        from .config import to_yaml
-
         main = self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / "config.yaml").write_text(_config_yaml(self.cfg))
             write_json(self.run_dir / "run_info.json", {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
                 "device": str(self.device), "amp": self.use_amp, "versions": versions(),
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
-                "loss": repr(self.loss_fn)})
-        metrics_log = CsvLog(self.run_dir / "metrics.csv") if main else None
+                "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)})
         step_log = CsvLog(self.run_dir / "train_log.csv") if main else None
-        for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
-            self.train_epoch(epoch, step_log)
-            self.epoch = epoch
-            if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
-                result = {"epoch": epoch, "step": self.step, **self.evaluate()}
-                self.history.append(result)
-                if main:
-                    metrics_log.write(result)
-                    print(f"epoch {epoch}: eval mAP {100 * result['map']:.2f}%", flush=True)
-            if main:
-                save_checkpoint(self.run_dir, self.state_dict(), epoch, self.step,
-                                self.cfg.train.keep_checkpoints)
+        with StopOnSignal() as signals:
+            for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
+                if not self.train_epoch(epoch, step_log, signals):
+                    return {"stopped": True, "step": self.step}
+                self.epoch, self.batch_in_epoch = epoch, 0
+                if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
+                    result = {"epoch": epoch, "step": self.step, **self.evaluate()}
+                    self.history.append(result)
+                    if main:
+                        write_csv(self.run_dir / "metrics.csv", self.history)
+                        print(f"epoch {epoch}: eval mAP {100 * result['map']:.2f}%", flush=True)
+                self.save_checkpoint()
+        self.store.flush()
         final = self.history[-1] if self.history else {}
         if main:
             write_json(self.run_dir / "metrics.json", {"final": final, "history": self.history})
             plot_map_curve(self.run_dir / "metrics.csv", self.run_dir / "map_curve.png")
         return final
 
-    def train_epoch(self, epoch: int, step_log: CsvLog | None) -> None:
+    def train_epoch(self, epoch: int, step_log: CsvLog | None, signals: "StopOnSignal") -> bool:
+        """Train the rest of ``epoch``; False when a signal stopped it (after a checkpoint)."""
         self.model.train()
         num_batches = self.loader.num_batches(epoch)
-        bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{self.cfg.train.epochs}", unit="batch",
-                   disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
-        wait_s = 0.0
-        t_last = time.perf_counter()
-        stream = self.loader.train_epoch(epoch)
-        for i in range(num_batches):
+        self.store.set_owned_chunks(self.loader.owned_train_shards(epoch))
+        stream = self.loader.train_stream(epoch, checkpoint=self._resume_dali,
+                                          max_batches=num_batches - self.batch_in_epoch)
+        self._resume_dali = None
+        batches = iter(stream)
+        bar = tqdm(total=num_batches, initial=self.batch_in_epoch, desc=f"epoch {epoch}/{self.cfg.train.epochs}",
+                   unit="batch", disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
+        wait_s, t_last = 0.0, time.perf_counter()
+        every = self.cfg.train.checkpoint_every
+        limit = self.cfg.pseudo.max_pending_mb * 2**20
+        for i in range(self.batch_in_epoch, num_batches):
             t0 = time.perf_counter()
-            batch = next(stream).to(self.device)
+            batch = next(batches).to(self.device)
             wait_s += time.perf_counter() - t0
             stats = self.train_step(batch, epoch)
+            self.batch_in_epoch = i + 1
             bar.update(1)
             if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
                 now = time.perf_counter()
-                elapsed = now - t_last
                 step_log.write({"epoch": epoch, "step": self.step, **stats,
                                 "lr": self.scheduler.get_last_lr()[0],
-                                "data_wait_share": wait_s / max(elapsed, 1e-9)})
+                                "data_wait_share": wait_s / max(now - t_last, 1e-9)})
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 wait_s, t_last = 0.0, now
+            stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
+            if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
+                self.save_checkpoint(stream)
+            if stop:
+                bar.close()
+                if self.dist.is_main:
+                    print(f"stopped by a signal at step {self.step}; resume with the same command",
+                          flush=True)
+                return False
         bar.close()
+        return True
 
     def train_step(self, batch: Batch, epoch: int) -> dict:
         if self.labels is None:
@@ -235,7 +316,7 @@ class Trainer:
         images = normalize(batch.images_BCHW, self.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             logits_BC = self.model(images)
-        pseudo_BC = self.pseudo.read(batch.rows_B).to(self.device) if self.loss_fn.uses_pseudo else None
+        pseudo_BC = self.store.read(batch.rows_B).to(self.device) if self.loss_fn.uses_pseudo else None
         stats: dict = {}
         extra = dict(pseudo=pseudo_BC, epoch=epoch, num_epochs=self.cfg.train.epochs,
                      generator=self.generator, stats=stats)
@@ -255,7 +336,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         if self.loss_fn.uses_pseudo:
-            self.pseudo.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()))
+            self.store.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()), pseudo_BC)
         return {"loss": float(loss.detach()), **stats}
 
     @torch.no_grad()
@@ -282,3 +363,15 @@ class Trainer:
         return {"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
                 "skipped_classes": detail.num_skipped,
                 **threshold_metrics(scores_NC, targets_NC, known_NC)}
+
+
+def _config_dict(cfg: "Config") -> dict:
+    from .config import to_dict  # config.py imports this module's TrainConfig
+
+    return to_dict(cfg)
+
+
+def _config_yaml(cfg: "Config") -> str:
+    from .config import to_yaml
+
+    return to_yaml(cfg)

@@ -26,7 +26,9 @@ def test_main_trains_evaluates_and_writes_the_run_dir(digits_shards, tmp_path):
     assert 0.0 < metrics["final"]["map"] <= 1.0 and metrics["final"]["num_eval"] == 40
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 0 and "torch" in info["versions"]
-    assert len(list((run / "checkpoints").glob("*.pt"))) == 2
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["ckpt-e0001-s000000012", "ckpt-e0002-s000000024"]
+    assert (run / "pseudo_labels.zarr" / "zarr.json").is_file()
     # A finished run resumes to nothing left to do and keeps its results.
     assert main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
     assert json.loads((run / "metrics.json").read_text())["final"] == metrics["final"]

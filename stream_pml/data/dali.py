@@ -19,7 +19,7 @@ OUTPUTS = ["images", "rows", "pos", "neg"]
 
 def _build_pipeline(tars: list[str], idxs: list[str], *, image_size: int, batch_size: int,
                     train: bool, flip: bool, seed: int, num_threads: int, device_id: int | None,
-                    shuffle_buffer: int, prefetch_depth: int):
+                    shuffle_buffer: int, prefetch_depth: int, checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_checkpointing=True)
@@ -37,7 +37,7 @@ def _build_pipeline(tars: list[str], idxs: list[str], *, image_size: int, batch_
         return img, row, fn.pad(pos, fill_value=-1), fn.pad(neg, fill_value=-1)
 
     p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-             prefetch_queue_depth=prefetch_depth)
+             prefetch_queue_depth=prefetch_depth, checkpoint=checkpoint)
     p.build()
     return p
 
@@ -51,18 +51,24 @@ class DaliShardStream:
 
     def __init__(self, tars: list[str], idxs: list[str], *, image_size: int, batch_size: int,
                  train: bool, flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
-                 prefetch_depth: int = 2, max_batches: int | None = None):
+                 prefetch_depth: int = 2, max_batches: int | None = None,
+                 checkpoint: str | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.pipe = _build_pipeline(tars, idxs, image_size=image_size, batch_size=batch_size,
                                     train=train, flip=flip, seed=seed % (2**31),
                                     num_threads=num_threads, device_id=device_id,
-                                    shuffle_buffer=shuffle_buffer, prefetch_depth=prefetch_depth)
+                                    shuffle_buffer=shuffle_buffer, prefetch_depth=prefetch_depth,
+                                    checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         self.iterator = DALIGenericIterator(self.pipe, OUTPUTS, reader_name="reader",
                                             last_batch_policy=policy, auto_reset=False)
         self.max_batches = max_batches
+
+    def checkpoint(self) -> str:
+        """DALI's own pipeline checkpoint at the position of the last batch handed out."""
+        return self.iterator.checkpoints()[0]
 
     def __iter__(self) -> Iterator[Batch]:
         for n, out in enumerate(self.iterator):

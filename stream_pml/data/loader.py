@@ -75,13 +75,21 @@ class ShardLoader:
         return deal_shards(len(self.train_tars), self.world_size, self.seed, epoch)[self.rank]
 
     def train_epoch(self, epoch: int) -> Iterator[Batch]:
+        return iter(self.train_stream(epoch))
+
+    def train_stream(self, epoch: int, checkpoint: str | None = None,
+                     max_batches: int | None = None) -> DaliShardStream:
+        """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
+        continues exactly where that stream was, ``max_batches`` limits what is left."""
         owned = self.owned_train_shards(epoch)
-        return iter(DaliShardStream(
+        return DaliShardStream(
             [self.train_tars[i] for i in owned], [self.train_idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
             num_threads=default_threads(self.cfg), shuffle_buffer=self.cfg.shuffle_buffer,
-            prefetch_depth=self.cfg.prefetch_depth, max_batches=self.num_batches(epoch)))
+            prefetch_depth=self.cfg.prefetch_depth,
+            max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
+            checkpoint=checkpoint)
 
     def eval_batches(self) -> Iterator[Batch]:
         """This rank's share of the eval split (fixed deal), every sample once."""
