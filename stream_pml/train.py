@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "
                   f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)
         final = trainer.train()
-        if dist_info.is_main and final:
+        if final.get("stopped"):
+            return 128 + 15  # like a process ended by SIGTERM: not finished, resumable
+        if dist_info.is_main and "map" in final:
             print(f"final eval mAP {100 * final['map']:.2f}% on {final['num_eval']} images "
                   f"(chance level {100 * final['chance_map']:.2f}%); run directory: "
                   f"{cfg.train.run_dir}", flush=True)

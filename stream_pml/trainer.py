@@ -166,6 +166,11 @@ class Trainer:
             if state[key] != mine:
                 raise ValueError(f"cannot resume from {self.run_dir}: the checkpoint's {key} is "
                                  f"{state[key]!r}, this run's is {mine!r} (use a new train.run_dir)")
+        if state["config"]["train"]["epochs"] != self.cfg.train.epochs:
+            raise ValueError(f"cannot resume from {self.run_dir}: train.epochs was "
+                             f"{state['config']['train']['epochs']}, now {self.cfg.train.epochs}; the "
+                             "learning-rate schedule and d are built for the run's length (use a new "
+                             "train.run_dir)")
         self._core().load_state_dict(state["model"])
         if self.estimator is not None:
             self.estimator.load_state_dict(state["estimator"])
