@@ -141,18 +141,18 @@ def test_crash_mid_apply_rolls_back_to_the_previous_checkpoint(tmp_path, monkeyp
     ck2.mkdir()
     store.save_journal(ck2, 0)
     calls = {"n": 0}
-    real = PseudoLabelStore._write_rows
+    real = PseudoLabelStore._write_chunk
 
-    def dying_write(self, chunk, r, v):
+    def dying_write(self, chunk, data):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed mid-apply")
-        real(self, chunk, r, v)
+        real(self, chunk, data)
 
-    monkeypatch.setattr(PseudoLabelStore, "_write_rows", dying_write)
+    monkeypatch.setattr(PseudoLabelStore, "_write_chunk", dying_write)
     with pytest.raises(KeyboardInterrupt):
         store.apply_journal(ck2, 0)
-    monkeypatch.setattr(PseudoLabelStore, "_write_rows", real)
+    monkeypatch.setattr(PseudoLabelStore, "_write_chunk", real)
     half = _store(path).read(torch.arange(100))
     assert not torch.equal(half, before)  # the store is now ahead of ck1
     # Resuming from ck1 (say ck2 proved unreadable) rolls ck2's partial apply back.
