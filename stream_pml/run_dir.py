@@ -47,6 +47,35 @@ class CsvLog:
             w.writerow(row)
 
 
+class StepLog:
+    """Rank 0's metric sinks: ``train_log.csv`` per logged step and TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.csv = CsvLog(run_dir / "train_log.csv")
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def step(self, row: dict) -> None:
+        self.csv.write(row)
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def epoch(self, result: dict) -> None:
+        for key, value in result.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"val/{key}", value, result["step"])
+
+    def test(self, result: dict, step: int) -> None:
+        for key, value in result.items():
+            if isinstance(value, (int, float)):
+                self.tb.add_scalar(f"test/{key}", value, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite a whole CSV (the per-epoch metrics, from the checkpointed history)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -75,7 +104,7 @@ def plot_map_curve(metrics_csv: Path, out_png: Path) -> None:
         return
     epochs = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(epochs, [100 * float(r["map"]) for r in rows], marker="o", label="eval mAP")
+    ax.plot(epochs, [100 * float(r["map"]) for r in rows], marker="o", label="validation mAP")
     ax.set_xlabel("epoch")
     ax.set_ylabel("mAP (%)")
     ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.manifest import ManifestError
 
     from .distributed import setup, teardown
-    from .trainer import Trainer
+    from .trainer import NonFiniteLoss, Trainer
 
     dist_info = setup(cfg.train.device)
     try:
@@ -35,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
         if dist_info.is_main:
             print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "
                   f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)
-        final = trainer.train()
+        try:
+            final = trainer.train()
+        except NonFiniteLoss as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
         if final.get("stopped"):
             return 128 + 15  # like a process ended by SIGTERM: not finished, resumable
-        if dist_info.is_main and "map" in final:
-            print(f"final eval mAP {100 * final['map']:.2f}% on {final['num_eval']} images "
-                  f"(chance level {100 * final['chance_map']:.2f}%); run directory: "
-                  f"{cfg.train.run_dir}", flush=True)
+        if dist_info.is_main:
+            test, sel = final.get("test"), final["selected"]
+            if test:
+                print(f"test mAP {100 * test['map']:.2f}% on {test['num_eval']} images (chance level "
+                      f"{100 * test['chance_map']:.2f}%), model of epoch {sel['epoch']} ({sel['by']})",
+                      flush=True)
+            print(f"run directory: {cfg.train.run_dir}", flush=True)
         return 0
     finally:
         teardown()

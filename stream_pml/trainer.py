@@ -23,7 +23,7 @@ from .labels import LabelTable, make_partial, read_split_labels
 from .losses import LOSSES, get_loss
 from .metrics import mean_average_precision_detail, threshold_metrics
 from .pseudo_store import PseudoLabelStore
-from .run_dir import CsvLog, plot_map_curve, versions, write_csv, write_json
+from .run_dir import StepLog, plot_map_curve, versions, write_csv, write_json
 
 if TYPE_CHECKING:
     from .config import Config  # noqa: F401
@@ -107,6 +107,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._resume_dali: str | None = None
+        self._stream = None
 
     def _label_table(self) -> LabelTable | None:
         """The label setting's table for the training split; None = the shards' labels as they are."""
@@ -253,27 +254,56 @@ class Trainer:
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
                 "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)})
-        step_log = CsvLog(self.run_dir / "train_log.csv") if main else None
-        with StopOnSignal() as signals:
-            for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
-                if not self.train_epoch(epoch, step_log, signals):
-                    return {"stopped": True, "step": self.step}
-                self.epoch, self.batch_in_epoch = epoch, 0
-                if epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs:
-                    result = {"epoch": epoch, "step": self.step, **self.evaluate()}
-                    self.history.append(result)
-                    if main:
-                        write_csv(self.run_dir / "metrics.csv", self.history)
-                        print(f"epoch {epoch}: eval mAP {100 * result['map']:.2f}%", flush=True)
-                self.save_checkpoint()
-        self.store.flush()
-        final = self.history[-1] if self.history else {}
-        if main:
-            write_json(self.run_dir / "metrics.json", {"final": final, "history": self.history})
-            plot_map_curve(self.run_dir / "metrics.csv", self.run_dir / "map_curve.png")
+        step_log = StepLog(self.run_dir) if main else None
+        val = self.cfg.data.val_split
+        try:
+            with StopOnSignal() as signals:
+                for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
+                    if not self.train_epoch(epoch, step_log, signals):
+                        return {"stopped": True, "step": self.step}
+                    self.epoch, self.batch_in_epoch = epoch, 0
+                    if val and (epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs):
+                        self._validate(epoch, step_log)
+                    self.save_checkpoint()
+            self.store.flush()
+            return self._finish(step_log)
+        finally:
+            if step_log is not None:
+                step_log.close()
+
+    def _validate(self, epoch: int, step_log: "StepLog | None") -> None:
+        result = {"epoch": epoch, "step": self.step, **self.evaluate(self.cfg.data.val_split)}
+        self.history.append(result)
+        best = max(self.history, key=lambda r: r["map"])
+        if self.dist.is_main:
+            write_csv(self.run_dir / "metrics.csv", self.history)
+            step_log.epoch(result)
+            if best is result:  # the selected model: by validation mAP only
+                ckpt.save_file(self.run_dir / "best.pt.tmp", {"model": self._core().state_dict(),
+                                                              "epoch": epoch, "val_map": result["map"]})
+                (self.run_dir / "best.pt.tmp").replace(self.run_dir / "best.pt")
+            print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
+                  f"at epoch {best['epoch']})", flush=True)
+
+    def _finish(self, step_log: "StepLog | None") -> dict:
+        """Test once with the model chosen on validation (or the last one without validation)."""
+        selected = {"epoch": self.epoch, "by": "last epoch (no validation split)"}
+        if self.cfg.data.val_split and (self.run_dir / "best.pt").exists():
+            best = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
+            self._core().load_state_dict(best["model"])
+            selected = {"epoch": best["epoch"], "by": f"best {self.cfg.data.val_split} mAP",
+                        "val_map": best["val_map"]}
+        test = self.evaluate(self.cfg.data.test_split) if self.cfg.data.test_split else {}
+        final = {"selected": selected, "test": test, "history": self.history}
+        if self.dist.is_main:
+            write_json(self.run_dir / "metrics.json", final)
+            if self.history:
+                plot_map_curve(self.run_dir / "metrics.csv", self.run_dir / "map_curve.png")
+            if test and step_log is not None:
+                step_log.test(test, self.step)
         return final
 
-    def train_epoch(self, epoch: int, step_log: CsvLog | None, signals: "StopOnSignal") -> bool:
+    def train_epoch(self, epoch: int, step_log: "StepLog | None", signals: "StopOnSignal") -> bool:
         """Train the rest of ``epoch``; False when a signal stopped it (after a checkpoint)."""
         self.model.train()
         num_batches = self.loader.num_batches(epoch)
@@ -281,10 +311,11 @@ class Trainer:
         stream = self.loader.train_stream(epoch, checkpoint=self._resume_dali,
                                           max_batches=num_batches - self.batch_in_epoch)
         self._resume_dali = None
+        self._stream = stream
         batches = iter(stream)
         bar = tqdm(total=num_batches, initial=self.batch_in_epoch, desc=f"epoch {epoch}/{self.cfg.train.epochs}",
                    unit="batch", disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
-        wait_s, t_last = 0.0, time.perf_counter()
+        wait_s, t_last, images_seen = 0.0, time.perf_counter(), 0
         every = self.cfg.train.checkpoint_every
         limit = self.cfg.pseudo.max_pending_mb * 2**20
         for i in range(self.batch_in_epoch, num_batches):
@@ -294,13 +325,16 @@ class Trainer:
             stats = self.train_step(batch, epoch)
             self.batch_in_epoch = i + 1
             bar.update(1)
+            images_seen += batch.size
             if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
                 now = time.perf_counter()
-                step_log.write({"epoch": epoch, "step": self.step, **stats,
-                                "lr": self.scheduler.get_last_lr()[0],
-                                "data_wait_share": wait_s / max(now - t_last, 1e-9)})
+                elapsed = max(now - t_last, 1e-9)
+                step_log.step({"epoch": epoch, "step": self.step, **stats,
+                               "lr": self.scheduler.get_last_lr()[0],
+                               "images_per_s": images_seen * self.dist.world_size / elapsed,
+                               "data_wait_share": wait_s / elapsed})
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                wait_s, t_last = 0.0, now
+                wait_s, t_last, images_seen = 0.0, now, 0
             stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
             if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
                 self.save_checkpoint(stream)
@@ -332,9 +366,15 @@ class Trainer:
         else:
             targets_BC, known_BC = dense_labels(pos_BP, neg_BN, self.num_classes)
             loss = self.loss_fn(logits_BC, targets_BC, known_BC, **extra)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss {loss.item()} at epoch {epoch} step {self.step}; "
-                                f"last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        (bad,) = all_reduce_flags(not torch.isfinite(loss).item())
+        if bad:  # every rank stops together, before this step changes anything
+            where = f"non-finite loss at epoch {epoch}, step {self.step + 1} (loss {loss.item()} on this rank)"
+            if all(torch.isfinite(p).all() for p in self.model.parameters()):
+                path = self.save_checkpoint(self._stream)
+                raise NonFiniteLoss(f"{where}; the last good state is saved in {path}")
+            found = ckpt.list_checkpoints(self.run_dir)
+            raise NonFiniteLoss(f"{where}; the weights are already non-finite, so nothing was saved; "
+                                f"newest checkpoint: {found[-1] if found else 'none'}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -345,10 +385,10 @@ class Trainer:
         return {"loss": float(loss.detach()), **stats}
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, split: str) -> dict:
         self.model.eval()
         rows, scores, targets, known = [], [], [], []
-        for batch in self.loader.eval_batches():
+        for batch in self.loader.eval_batches(split):
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 logits = self._core()(normalize(batch.images_BCHW, self.channels_last))

@@ -54,14 +54,14 @@ def test_eval_covers_every_sample_once_with_its_labels(digits_shards):
 
     import webdataset as wds
 
-    loader = ShardLoader(_cfg(digits_shards, eval_split="test"))
+    loader = ShardLoader(_cfg(digits_shards, test_split="test"))
     expected = {}
-    for shard in loader.eval_split.shards:
+    for shard in loader.manifest.splits["test"].shards:
         for s in wds.WebDataset(str(digits_shards / shard.name), shardshuffle=False, empty_check=False):
             meta = json.loads(s["json"])
             expected[meta["row"]] = [loader.manifest.classes.index(n) for n in meta["positives"]]
     got = {}
-    for b in loader.eval_batches():
+    for b in loader.eval_batches("test"):
         targets, known = dense_labels(b.pos_BP, b.neg_BN, loader.num_classes)
         assert known.all()
         for row, t in zip(b.rows_B.tolist(), targets):

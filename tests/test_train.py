@@ -19,11 +19,20 @@ def test_main_trains_evaluates_and_writes_the_run_dir(digits_shards, tmp_path):
     run = tmp_path / "run"
     assert main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
     for name in ("config.yaml", "run_info.json", "metrics.csv", "train_log.csv", "metrics.json",
-                 "map_curve.png"):
+                 "map_curve.png", "best.pt"):
         assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics.json").read_text())
+    # Validation (16 images) every epoch, selection on it, test (40 images) once.
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert 0.0 < metrics["final"]["map"] <= 1.0 and metrics["final"]["num_eval"] == 40
+    assert all(h["num_eval"] == 16 for h in metrics["history"])
+    best = max(metrics["history"], key=lambda h: h["map"])
+    assert metrics["selected"]["epoch"] == best["epoch"]
+    assert 0.0 < metrics["test"]["map"] <= 1.0 and metrics["test"]["num_eval"] == 40
+    log_header = (run / "train_log.csv").read_text().splitlines()[0].split(",")
+    for column in ("loss", "loss_known", "loss_pseudo", "alpha", "beta", "d", "p2_share", "lr",
+                   "images_per_s", "data_wait_share"):
+        assert column in log_header, column
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 0 and "torch" in info["versions"]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -31,7 +40,7 @@ def test_main_trains_evaluates_and_writes_the_run_dir(digits_shards, tmp_path):
     assert (run / "pseudo_labels.zarr" / "zarr.json").is_file()
     # A finished run resumes to nothing left to do and keeps its results.
     assert main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
-    assert json.loads((run / "metrics.json").read_text())["final"] == metrics["final"]
+    assert json.loads((run / "metrics.json").read_text())["test"] == metrics["test"]
 
 
 @pytest.mark.slow
@@ -53,7 +62,7 @@ def test_torchrun_two_gloo_processes(digits_shards, tmp_path):
     assert "world size 2" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     # Both ranks' eval shards are gathered: all 40 test images are scored.
-    assert metrics["final"]["num_eval"] == 40
+    assert metrics["test"]["num_eval"] == 40
     info = json.loads((run / "run_info.json").read_text())
     assert info["world_size"] == 2
 
@@ -79,3 +88,29 @@ def test_config_selects_any_loss_and_setting(digits_shards, tmp_path, loss, sett
         assert len(info["label_setting_hash"]) == 16
     log = (run / "train_log.csv").read_text().splitlines()
     assert len(log) > 2
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_a_message_and_a_good_checkpoint(digits_shards, tmp_path, capsys,
+                                                                     monkeypatch):
+    import torch
+
+    from stream_pml import checkpoint as ckpt
+    from stream_pml.losses import BoundLoss
+
+    real = BoundLoss.sparse
+    calls = {"n": 0}
+
+    def nan_at_step_5(self, *args, **kw):
+        calls["n"] += 1
+        loss = real(self, *args, **kw)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(BoundLoss, "sparse", nan_at_step_5)
+    run = tmp_path / "run"
+    assert main(tiny_overrides(digits_shards, run)) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1, step 5" in err and "last good state is saved" in err
+    state = torch.load(ckpt.list_checkpoints(run)[-1] / ckpt.MAIN_FILE, weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

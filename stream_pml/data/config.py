@@ -10,8 +10,11 @@ BACKENDS = ("dali",)
 class DataConfig:
     shards: str = "data/digits"  # directory holding manifest.json
     train_split: str = "train"
-    # Split whose mAP is reported each epoch (fully labelled, or unknowns masked).
-    eval_split: str = "test"
+    # Evaluated each epoch; the best epoch by its mAP is kept (never chosen on test).
+    # Empty: no selection, the last epoch's model is the result.
+    val_split: str = "val"
+    # Evaluated once, at the end, with the selected model. Empty: no test evaluation.
+    test_split: str = "test"
     image_size: int = 448
     batch_size: int = 64
     eval_batch_size: int = 128

@@ -49,9 +49,12 @@ class ShardLoader:
         self.directory = Path(cfg.shards)
         self.manifest: Manifest = load_manifest(self.directory)
         self.train_split = self.manifest.split(cfg.train_split, self.directory)
-        self.eval_split = self.manifest.split(cfg.eval_split, self.directory)
         self.train_tars, self.train_idxs = shard_paths(self.directory, self.train_split)
-        self.eval_tars, self.eval_idxs = shard_paths(self.directory, self.eval_split)
+        # Every split named in the config is checked now, not after hours of training.
+        self.eval_shards = {}
+        for name in (cfg.val_split, cfg.test_split):
+            if name:
+                self.eval_shards[name] = shard_paths(self.directory, self.manifest.split(name, self.directory))
         if len(self.train_tars) < world_size:
             raise ManifestError(
                 f"{self.directory}: split {cfg.train_split} has {len(self.train_tars)} shards but "
@@ -91,13 +94,14 @@ class ShardLoader:
             max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
             checkpoint=checkpoint)
 
-    def eval_batches(self) -> Iterator[Batch]:
-        """This rank's share of the eval split (fixed deal), every sample once."""
-        owned = list(range(self.rank, len(self.eval_tars), self.world_size))
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """This rank's share of an evaluation split (fixed deal), every sample once."""
+        tars, idxs = self.eval_shards[split]
+        owned = list(range(self.rank, len(tars), self.world_size))
         if not owned:
             return iter(())
         return iter(DaliShardStream(
-            [self.eval_tars[i] for i in owned], [self.eval_idxs[i] for i in owned],
+            [tars[i] for i in owned], [idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
             flip=False, seed=0, num_threads=default_threads(self.cfg),
             prefetch_depth=self.cfg.prefetch_depth))
