@@ -1,24 +1,41 @@
-"""``shard-tools``: build datasets into shards (one subcommand per dataset)."""
+"""``shard-tools``: build datasets into shards, verify and inspect them."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from . import coco, cub, digits, listfile, nuswide, openimages, voc
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
-from .writer import BadInput, BuildSpec, EncodeOptions, Report, build
+from .writer import BadInput, EncodeOptions, Report, build
+
+# name -> (module-like with add_arguments / build_spec, help, has a --split option)
+DATASETS = {
+    "openimages": (openimages, "Open Images image-level label CSVs", True),
+    "coco": (coco.Coco, "COCO instances JSON (2014/2017)", True),
+    "yolo": (coco.Yolo, "YOLO label folder + classes.txt", True),
+    "nuswide": (nuswide, "NUS-WIDE 81 concepts", True),
+    "cub": (cub, "CUB-200-2011 312 attributes (train and test splits)", False),
+    "voc": (voc, "PASCAL VOC ImageSets/Main lists", True),
+    "csv": (listfile, "your own data: path,labels CSV", True),
+    "jsonl": (listfile, "your own data: JSON lines", True),
+    "digits": (digits, "embedded sample: scikit-learn digit mosaics (train/val/test)", False),
+}
 
 
-def _common(p: argparse.ArgumentParser, default_split: str | None = "train") -> None:
+def _common(p: argparse.ArgumentParser, has_split: bool) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory (shards + manifest)")
-    if default_split is not None:
-        p.add_argument("--split", default=default_split, help="split name written (default %(default)s)")
+    if has_split:
+        p.add_argument("--split", default="train", help="split name written (default %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--max-side", type=int, default=0, help="re-encode with the longest side capped")
     p.add_argument("--quality", type=int, default=0, help="re-encode at this JPEG quality")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for decoding and writing (default: all cores)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,54 +43,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a dataset into shards")
     bsub = b.add_subparsers(dest="dataset", required=True)
-
-    p = bsub.add_parser("coco", help="COCO instances JSON (2014/2017)")
-    p.add_argument("--images", required=True, type=Path)
-    p.add_argument("--annotations", required=True, type=Path)
-    _common(p)
-
-    p = bsub.add_parser("yolo", help="YOLO label folder + classes.txt (e.g. coco128 val2017)")
-    p.add_argument("--images", required=True, type=Path)
-    p.add_argument("--labels", required=True, type=Path)
-    p.add_argument("--classes", required=True, type=Path)
-    _common(p)
-
-    p = bsub.add_parser("digits", help="embedded sample: mosaics of scikit-learn digits")
-    p.add_argument("--num-train", type=int, default=3000)
-    p.add_argument("--num-val", type=int, default=500)
-    p.add_argument("--num-test", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64)
-    _common(p, default_split=None)
+    for name, (module, help_text, has_split) in DATASETS.items():
+        p = bsub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        _common(p, has_split)
+    v = sub.add_parser("verify", help="checksums, counts, every sample decodes, labels in range")
+    v.add_argument("dir", type=Path)
+    i = sub.add_parser("inspect", help="class frequencies, labels per image, a contact sheet PNG")
+    i.add_argument("dir", type=Path)
+    i.add_argument("--split", default=None, help="default: the first split")
+    i.add_argument("--num-images", type=int, default=16)
     return parser.parse_args(argv)
 
 
-def _spec(args: argparse.Namespace, report: Report) -> BuildSpec:
-    if args.dataset == "digits":
-        from .digits import CLASSES, make_records
-
-        sizes = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
-        records = make_records(sizes, image_size=args.image_size, seed=args.seed)
-        return BuildSpec("digits", CLASSES, records, {k: True for k in records},
-                         source={"generator": "sklearn.datasets.load_digits mosaics",
-                                 "image_size": args.image_size})
-    for name in ("images", "annotations", "labels", "classes"):
-        path = getattr(args, name, None)
-        if path is not None and not path.exists():
-            raise FileNotFoundError(f"--{name} {path} does not exist")
-    from .coco import read_coco, read_yolo
-
-    if args.dataset == "coco":
-        classes, records = read_coco(args.images, args.annotations, report)
-        source = {"annotations": str(args.annotations), "images": str(args.images)}
-    else:
-        classes, records = read_yolo(args.images, args.labels, args.classes, report)
-        source = {"labels": str(args.labels), "images": str(args.images)}
-    return BuildSpec(args.dataset, classes, {args.split: records}, {args.split: True}, source)
-
-
 def cmd_build(args: argparse.Namespace) -> int:
+    for name in ("images", "annotations", "labels", "classes", "root", "list", "image_list", "concepts"):
+        paths = getattr(args, name, None)
+        for path in paths if isinstance(paths, list) else [paths]:
+            if isinstance(path, Path) and not path.exists():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {path} does not exist")
     report = Report(strict=args.strict)
-    spec = _spec(args, report)
+    module = DATASETS[args.dataset][0]
+    spec = module.build_spec(args, report)
     existing = None
     if (args.out / MANIFEST_NAME).exists():
         existing = load_manifest(args.out)
@@ -81,7 +72,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ManifestError(f"{args.out / MANIFEST_NAME}: holds a dataset with other classes or "
                                 "shard size; use a new --out directory")
     enc = EncodeOptions(max_side=args.max_side, quality=args.quality)
-    manifest = build(spec, args.out, args.shard_size, args.seed, enc, report)
+    manifest = build(spec, args.out, args.shard_size, args.seed, enc, report, workers=args.workers)
     if existing is not None:
         for name, split in existing.splits.items():
             manifest.splits.setdefault(name, split)
@@ -97,7 +88,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return cmd_build(args)
+        if args.command == "build":
+            return cmd_build(args)
+        from .check import inspect, verify
+
+        if args.command == "verify":
+            return verify(args.dir)
+        return inspect(args.dir, args.split, args.num_images)
     except (BadInput, ManifestError, FileNotFoundError, ValueError) as exc:
         print(f"shard-tools: error: {exc}", file=sys.stderr)
         return 2

@@ -76,3 +76,38 @@ def read_yolo(images_dir: Path, labels_dir: Path, classes_file: Path,
         records.append(Record(key=stem, pos=sorted(pos), neg=sorted(all_classes - pos),
                               image_path=str(image_path)))
     return classes, records
+
+
+class Coco:
+    """``shard-tools build coco``."""
+
+    @staticmethod
+    def add_arguments(p) -> None:
+        p.add_argument("--images", required=True, type=Path)
+        p.add_argument("--annotations", required=True, type=Path)
+
+    @staticmethod
+    def build_spec(args, report: Report):
+        from .writer import BuildSpec
+
+        classes, records = read_coco(args.images, args.annotations, report)
+        return BuildSpec("coco", classes, {args.split: records}, {args.split: True},
+                         source={"annotations": str(args.annotations), "images": str(args.images)})
+
+
+class Yolo:
+    """``shard-tools build yolo`` (e.g. the coco128 val2017 half, which has no JSON)."""
+
+    @staticmethod
+    def add_arguments(p) -> None:
+        p.add_argument("--images", required=True, type=Path)
+        p.add_argument("--labels", required=True, type=Path)
+        p.add_argument("--classes", required=True, type=Path)
+
+    @staticmethod
+    def build_spec(args, report: Report):
+        from .writer import BuildSpec
+
+        classes, records = read_yolo(args.images, args.labels, args.classes, report)
+        return BuildSpec("yolo", classes, {args.split: records}, {args.split: True},
+                         source={"labels": str(args.labels), "images": str(args.images)})

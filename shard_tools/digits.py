@@ -66,3 +66,19 @@ def make_records(split_sizes: dict[str, int], image_size: int = 64, seed: int = 
                                image_bytes=buf.getvalue()))
         out[split] = recs
     return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-val", type=int, default=500)
+    p.add_argument("--num-test", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64)
+
+
+def build_spec(args, report):
+    from .writer import BuildSpec
+
+    sizes = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    records = make_records(sizes, image_size=args.image_size, seed=args.seed)
+    return BuildSpec("digits", CLASSES, records, {k: True for k in records},
+                     source={"generator": "sklearn.datasets.load_digits mosaics", "image_size": args.image_size})

@@ -8,8 +8,10 @@ assigns global row ids in write order and writes fixed-size shards (DESIGN.md se
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -167,6 +169,79 @@ def encode_labels(row: int, pos: Iterable[int], neg: Iterable[int]) -> dict[str,
     }
 
 
+def _check_record(rec: Record, enc: EncodeOptions) -> tuple[str, str] | None:
+    """(problem, detail) when the record cannot be written, else None (pass 1)."""
+    try:
+        raw = rec.read_image()
+    except OSError as exc:
+        return "missing_image", str(exc)
+    try:
+        prepare_image(raw, enc)
+    except BadInput as exc:
+        return "bad_image", str(exc)
+    return None
+
+
+def _check_task(args: tuple[int, Record, EncodeOptions]) -> tuple[int, tuple[str, str] | None]:
+    index, rec, enc = args
+    return index, _check_record(rec, enc)
+
+
+def _shard_task(args: tuple[Path, list[Record], int, list[str], EncodeOptions]) -> tuple[str, int]:
+    """Write one shard (pass 2); returns (file name, samples)."""
+    path, recs, row_start, classes, enc = args
+    samples = []
+    for k, rec in enumerate(recs):
+        row = row_start + k
+        try:
+            jpeg, size_wh = prepare_image(rec.read_image(), enc)
+        except (OSError, BadInput) as exc:
+            # Pass 1 decoded it: the file changed under the build.
+            raise BadInput(f"{rec.image_path or rec.key}: readable in the check pass, not now ({exc}); "
+                           f"rerun the build") from exc
+        members = {EXT_IMAGE: jpeg, **encode_labels(row, rec.pos, rec.neg)}
+        members[EXT_JSON] = json.dumps({
+            "key": rec.key, "row": row, "width": size_wh[0], "height": size_wh[1],
+            "positives": [classes[c] for c in sorted(rec.pos)],
+            "negatives": [classes[c] for c in sorted(rec.neg)],
+        }).encode()
+        # Sample names inside the tar are the zero-padded row: unique, dot-free, sortable.
+        samples.append((f"{row:010d}", members))
+    _write_shard(path, samples)
+    return path.name, len(samples)
+
+
+def _plan_hash(records: list[Record], order: np.ndarray, shard_size: int, enc: EncodeOptions) -> str:
+    h = hashlib.sha256(f"{shard_size}|{enc.as_dict()}".encode())
+    for i in order:
+        rec = records[int(i)]
+        h.update(f"{rec.key}|{rec.image_path}|{rec.pos}|{rec.neg}\n".encode())
+        if rec.image_bytes is not None:
+            h.update(hashlib.sha256(rec.image_bytes).digest())
+    return h.hexdigest()
+
+
+def _map(fn, tasks: list, workers: int, desc: str, unit: str, total_units: list[int] | None = None):
+    """Run ``fn`` over ``tasks`` in ``workers`` processes (inline for 1), with a progress bar
+    counting ``total_units`` (e.g. images per shard) so the rate reads in images/s."""
+    weights = total_units or [1] * len(tasks)
+    bar = tqdm(total=sum(weights), desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+    try:
+        if workers <= 1:
+            for task, w in zip(tasks, weights):
+                yield fn(task)
+                bar.update(w)
+            return
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            chunk = 1 if total_units else max(1, min(64, len(tasks) // (workers * 8)))
+            for i, result in enumerate(pool.imap(fn, tasks, chunksize=chunk)):
+                yield result
+                bar.update(weights[i])
+    finally:
+        bar.close()
+
+
 def write_split(
     records: list[Record],
     out_dir: Path,
@@ -177,68 +252,73 @@ def write_split(
     enc: EncodeOptions,
     report: Report,
     fully_labelled: bool,
+    workers: int = 1,
 ) -> SplitInfo:
-    """Shuffle ``records`` with ``seed`` and write them as ``{split}-NNNNNN.tar`` shards."""
+    """Shuffle ``records`` with ``seed`` and write them as ``{split}-NNNNNN.tar`` shards.
+
+    Pass 1 decodes every image (in ``workers`` processes) so bad ones are reported and
+    dropped before row ids are given out; pass 2 writes shards in parallel. A rerun with the
+    same inputs skips pass 1 and every shard already written whose checksum still matches.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     order = np.random.default_rng(seed).permutation(len(records))
-    shards: list[ShardInfo] = []
-    keys: list[str] = []
-    pos_lists: list[list[int]] = []
-    neg_lists: list[list[int]] = []
-    pending: list[tuple[str, dict[str, bytes]]] = []
-    num_pos = num_neg = 0
+    plan = _plan_hash(records, order, shard_size, enc)
+    state_path = out_dir / f"{split}.build_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state.get("plan") != plan:
+        state = {"plan": plan, "bad": None, "done": {}}
 
-    def flush() -> None:
-        s = len(shards)
-        name = f"{split}-{s:06d}.tar"
-        _write_shard(out_dir / name, pending)
-        row_start = s * shard_size
-        shards.append(ShardInfo(name=name, index=name[:-4] + ".idx", num_samples=len(pending),
-                                row_start=row_start, row_stop=row_start + len(pending),
-                                sha256=sha256_file(out_dir / name)))
-        pending.clear()
-
-    bar = tqdm(order, desc=f"{split}", unit="img", dynamic_ncols=True, mininterval=1.0)
-    for i in bar:
-        rec = records[int(i)]
-        try:
-            raw = rec.read_image()
-        except OSError as exc:
-            report.add("missing_image", rec.image_path or rec.key, str(exc), "sample skipped")
-            continue
-        try:
-            jpeg, size_wh = prepare_image(raw, enc)
-        except BadInput as exc:
-            report.add("bad_image", rec.image_path or rec.key, str(exc), "sample skipped")
-            continue
-        row = len(keys)
-        members = {EXT_IMAGE: jpeg, **encode_labels(row, rec.pos, rec.neg)}
-        members[EXT_JSON] = json.dumps({
-            "key": rec.key, "row": row, "width": size_wh[0], "height": size_wh[1],
-            "positives": [classes[c] for c in sorted(rec.pos)],
-            "negatives": [classes[c] for c in sorted(rec.neg)],
-        }).encode()
-        # Sample names inside the tar are the zero-padded row: unique, dot-free, sortable.
-        pending.append((f"{row:010d}", members))
-        keys.append(rec.key)
-        pos_lists.append(sorted(rec.pos))
-        neg_lists.append(sorted(rec.neg))
-        num_pos += len(rec.pos)
-        num_neg += len(rec.neg)
-        if len(pending) == shard_size:
-            flush()
-    if pending:
-        flush()
-    if not keys:
+    if state["bad"] is None:
+        tasks = [(int(i), records[int(i)], enc) for i in order]
+        bad = [[i, *problem] for i, problem in _map(_check_task, tasks, workers, f"{split} check", "img")
+               if problem is not None]
+        state["bad"] = bad
+        _save_state(state_path, state)
+    bad_index = set()
+    for i, problem, detail in state["bad"]:
+        rec = records[i]
+        report.add(problem, rec.image_path or rec.key, detail, "sample skipped")
+        bad_index.add(i)
+    good = [records[int(i)] for i in order if int(i) not in bad_index]
+    if not good:
         raise BadInput(f"split {split}: no sample could be written (see the report)")
+
+    num_shards = -(-len(good) // shard_size)
+    names = [f"{split}-{s:06d}.tar" for s in range(num_shards)]
+    todo = [s for s in range(num_shards)
+            if not (names[s] in state["done"] and (out_dir / names[s]).is_file()
+                    and (out_dir / names[s]).with_suffix(".idx").is_file()
+                    and sha256_file(out_dir / names[s]) == state["done"][names[s]])]
+    tasks = [(out_dir / names[s], good[s * shard_size:(s + 1) * shard_size], s * shard_size, classes, enc)
+             for s in todo]
+    sizes = [len(t[1]) for t in tasks]
+    for name, _ in _map(_shard_task, tasks, workers, f"{split} write", "img", sizes):
+        state["done"][name] = sha256_file(out_dir / name)
+        _save_state(state_path, state)
+
+    shards = []
+    for s, name in enumerate(names):
+        n = min(shard_size, len(good) - s * shard_size)
+        shards.append(ShardInfo(name=name, index=name[:-4] + ".idx", num_samples=n,
+                                row_start=s * shard_size, row_stop=s * shard_size + n,
+                                sha256=state["done"][name]))
     keys_file = f"{split}.keys.txt"
-    (out_dir / keys_file).write_text("\n".join(keys) + "\n")
+    (out_dir / keys_file).write_text("\n".join(rec.key for rec in good) + "\n")
     # The whole split's observed labels in CSR form, so label settings (PAL, SPL, ...) and
     # statistics need no pass over the images.
+    pos_lists = [sorted(rec.pos) for rec in good]
+    neg_lists = [sorted(rec.neg) for rec in good]
     np.savez(out_dir / f"{split}.labels.npz", **_csr("pos", pos_lists), **_csr("neg", neg_lists))
-    return SplitInfo(num_samples=len(keys), shards=shards, fully_labelled=fully_labelled,
-                     num_positives=num_pos, num_negatives=num_neg, keys_file=keys_file)
+    return SplitInfo(num_samples=len(good), shards=shards, fully_labelled=fully_labelled,
+                     num_positives=sum(map(len, pos_lists)), num_negatives=sum(map(len, neg_lists)),
+                     keys_file=keys_file)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
 
 
 def _csr(name: str, lists: list[list[int]]) -> dict[str, np.ndarray]:
@@ -260,7 +340,7 @@ class BuildSpec:
 
 
 def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
-          enc: EncodeOptions, report: Report) -> Manifest:
+          enc: EncodeOptions, report: Report, workers: int = 1) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(dataset=spec.dataset, classes=spec.classes, shard_size=shard_size,
@@ -270,7 +350,8 @@ def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
             # Each split gets its own stream so adding a split never reorders another.
             split_seed = int(np.random.SeedSequence([seed, len(split), *split.encode()]).generate_state(1)[0])
             manifest.splits[split] = write_split(records, out_dir, split, spec.classes, shard_size,
-                                                 split_seed, enc, report, spec.fully_labelled[split])
+                                                 split_seed, enc, report, spec.fully_labelled[split],
+                                                 workers)
     finally:
         report.save(out_dir / "build_report.csv")
     manifest.save(out_dir)

@@ -1,0 +1,144 @@
+"""``shard-tools verify`` and ``shard-tools inspect``: trust, then look."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .manifest import CLASS_ID_DTYPE, ROW_DTYPE, load_manifest, sha256_file
+
+MEMBERS = ("jpg", "row", "pos", "neg", "json")
+
+
+def _verify_shard(directory: Path, shard, num_classes: int) -> list[str]:
+    problems = []
+    path = directory / shard.name
+    if not path.is_file():
+        return [f"{path}: missing"]
+    if sha256_file(path) != shard.sha256:
+        problems.append(f"{path}: checksum differs from the manifest")
+    idx = directory / shard.index
+    if not idx.is_file():
+        problems.append(f"{idx}: missing index")
+    else:
+        header = idx.read_text().split("\n", 1)[0].split()
+        if len(header) != 2 or int(header[1]) != shard.num_samples:
+            problems.append(f"{idx}: header {header}, expected {shard.num_samples} samples")
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as exc:
+        return problems + [f"{path}: unreadable tar ({exc})"]
+    if len(samples) != shard.num_samples:
+        problems.append(f"{path}: {len(samples)} samples, manifest says {shard.num_samples}")
+    for k, (key, members) in enumerate(samples.items()):
+        where = f"{path} sample {key}"
+        missing = [m for m in MEMBERS if m not in members]
+        if missing:
+            problems.append(f"{where}: missing members {missing}")
+            continue
+        row = int(np.frombuffer(members["row"], ROW_DTYPE)[0])
+        if row != shard.row_start + k:
+            problems.append(f"{where}: row {row}, expected {shard.row_start + k}")
+        pos = np.frombuffer(members["pos"], CLASS_ID_DTYPE)
+        neg = np.frombuffer(members["neg"], CLASS_ID_DTYPE)
+        ids = np.concatenate([pos, neg])
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            problems.append(f"{where}: class id out of range [0, {num_classes})")
+        if np.intersect1d(pos, neg).size:
+            problems.append(f"{where}: a class is both positive and negative")
+        try:
+            Image.open(io.BytesIO(members["jpg"])).load()
+        except Exception as exc:
+            problems.append(f"{where}: image does not decode ({exc})")
+    return problems
+
+
+def verify(directory: Path) -> int:
+    manifest = load_manifest(directory)
+    problems: list[str] = []
+    total = sum(s.num_samples for split in manifest.splits.values() for s in split.shards)
+    bar = tqdm(total=total, desc="verify", unit="img", dynamic_ncols=True, mininterval=1.0)
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            problems += _verify_shard(Path(directory), shard, manifest.num_classes)
+            bar.update(shard.num_samples)
+    bar.close()
+    for p in problems:
+        print(p)
+    print(f"verified {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards: "
+          f"{len(problems)} problems")
+    return 0 if not problems else 1
+
+
+def inspect(directory: Path, split: str | None, num_images: int) -> int:
+    from stream_pml.labels import read_split_labels  # the shard format's label file reader
+
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    split = split or next(iter(manifest.splits))
+    info = manifest.split(split, directory)
+    labels = read_split_labels(directory, split, manifest.num_classes)
+    pos_per_class = (labels == 1).sum(0)
+    neg_per_class = (labels == 0).sum(0)
+    pos_per_image = (labels == 1).sum(1)
+    neg_per_image = (labels == 0).sum(1)
+    order = np.argsort(-pos_per_class, kind="stable")
+    lines = [f"# {manifest.dataset} / {split}: {info.num_samples} images, {manifest.num_classes} classes", "",
+             f"- positives per image: mean {pos_per_image.mean():.2f}, median {np.median(pos_per_image):.0f}, "
+             f"max {pos_per_image.max()}, images with none {(pos_per_image == 0).sum()}",
+             f"- negatives per image: mean {neg_per_image.mean():.2f}",
+             f"- unknown share of entries: {(labels < 0).mean():.3f}",
+             f"- classes with no positive: {(pos_per_class == 0).sum()}", "",
+             "| class | positives | negatives |", "|---|---|---|"]
+    lines += [f"| {manifest.classes[c]} | {pos_per_class[c]} | {neg_per_class[c]} |" for c in order]
+    (directory / f"inspect_{split}.md").write_text("\n".join(lines) + "\n")
+    sheet = directory / f"contact_{split}.png"
+    _contact_sheet(directory, info, manifest.classes, num_images, sheet)
+    print("\n".join(lines[:7]))
+    print(f"wrote {directory / f'inspect_{split}.md'} and {sheet}")
+    return 0
+
+
+def _contact_sheet(directory: Path, info, classes: list[str], num_images: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = []
+    for shard in info.shards:
+        with tarfile.open(directory / shard.name) as tar:
+            current: dict[str, bytes] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                current[ext] = tar.extractfile(member).read()
+                if ext == "json":
+                    samples.append(dict(current))
+                    current = {}
+                if len(samples) >= num_images:
+                    break
+        if len(samples) >= num_images:
+            break
+    cols = min(4, len(samples))
+    rows = -(-len(samples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, samples):
+        ax.imshow(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        meta = json.loads(s["json"])
+        title = ", ".join(meta["positives"][:4]) or "(no positive)"
+        ax.set_title(f"row {meta['row']}: {title}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""Users' own data: a CSV (``path,labels[,negatives]``, names separated by ``|``) or JSON
+lines (``{"path": ..., "labels": [...], "negatives": [...]}``).
+
+Paths are relative to ``--images``. With ``--absent negative`` (default) a class not listed
+for an image is a negative (full labels); with ``--absent unknown`` it is unknown and only
+listed negatives are negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from .writer import BuildSpec, Record, Report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list", required=True, type=Path, help=".csv or .jsonl")
+    p.add_argument("--images", required=True, type=Path, help="folder the paths are relative to")
+    p.add_argument("--classes", type=Path, help="one class name per line (default: every name seen, sorted)")
+    p.add_argument("--absent", choices=["negative", "unknown"], default="negative")
+
+
+def _entries(path: Path, report: Report):
+    """(where, image path, positive names, negative names) per usable line."""
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                yield f"{path}:{n}", str(obj["path"]), list(obj.get("labels", [])), list(obj.get("negatives", []))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                report.add("malformed_line", f"{path}:{n}", f"{type(exc).__name__}: {line[:60]}", "line skipped")
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[:2] != ["path", "labels"]:
+            raise ValueError(f"{path}:1: expected a header path,labels[,negatives], found {header}")
+        for n, row in enumerate(reader, 2):
+            if len(row) not in (2, 3) or not row[0]:
+                report.add("malformed_line", f"{path}:{n}", ",".join(row)[:80], "line skipped")
+                continue
+            split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
+            yield f"{path}:{n}", row[0], split(row[1]), split(row[2]) if len(row) == 3 else []
+
+
+def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
+    entries = list(_entries(args.list, report))
+    if args.classes:
+        classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
+    else:
+        classes = sorted({name for _, _, pos, neg in entries for name in pos + neg})
+    class_of = {c: i for i, c in enumerate(classes)}
+    records, seen = [], {}
+    for where, rel, pos_names, neg_names in entries:
+        if rel in seen:
+            report.add("duplicate_image_id", where, f"{rel} also at {seen[rel]}", "later line ignored")
+            continue
+        seen[rel] = where
+        ids = []
+        for names in (pos_names, neg_names):
+            known = []
+            for name in names:
+                if name in class_of:
+                    known.append(class_of[name])
+                else:
+                    report.add("unknown_class", where, f"class {name!r} not in the class list", "label ignored")
+            ids.append(set(known))
+        pos, neg = ids
+        for c in sorted(pos & neg):
+            report.add("conflicting_labels", where, f"{classes[c]} both positive and negative", "entry made unknown")
+        pos, neg = pos - neg, neg - pos
+        if args.absent == "negative":
+            neg = set(range(len(classes))) - pos - (ids[0] & ids[1])
+        records.append(Record(key=rel, pos=sorted(pos), neg=sorted(neg),
+                              image_path=str(args.images / rel)))
+    return BuildSpec(args.list.suffix.lstrip("."), classes, {args.split: records},
+                     {args.split: args.absent == "negative"}, source={"list": str(args.list)})

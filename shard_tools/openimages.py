@@ -1,0 +1,84 @@
+"""Open Images image-level labels: ``ImageID,Source,LabelName,Confidence`` CSVs.
+
+Human-verified labels are natively partial: Confidence 1 = positive, 0 = verified negative,
+absent = unknown. Machine-generated labels (fractional confidence, Source ``machine``) are
+never mixed in silently: without ``--machine-threshold`` each such row is reported and
+skipped; with it, confidence >= threshold is a positive and below is unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from .sources import LabelTable, index_images, read_class_list
+from .writer import BuildSpec, Report
+
+HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, type=Path, help="<ImageID>.jpg files, subfolders allowed")
+    p.add_argument("--labels", required=True, type=Path, nargs="+", help="image-level label CSV(s)")
+    p.add_argument("--classes", required=True, type=Path,
+                   help="class list: MID,DisplayName lines (boxable 600/601, trainable, or your own)")
+    p.add_argument("--machine-threshold", type=float, default=None,
+                   help="accept machine labels: confidence >= T is positive, below is unknown")
+
+
+def read_labels(paths: list[Path], mids: list[str], report: Report,
+                machine_threshold: float | None) -> LabelTable:
+    class_of = {m: i for i, m in enumerate(mids)}
+    table = LabelTable(report)
+    outside: dict[str, tuple[str, int]] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:4]] != HEADER:
+                raise ValueError(f"{path}:1: expected header {','.join(HEADER)}, found {header}")
+            for n, row in enumerate(reader, 2):
+                where = f"{path}:{n}"
+                if len(row) != 4:
+                    report.add("malformed_line", where, f"{len(row)} fields: {','.join(row)[:80]}", "line skipped")
+                    continue
+                image_id, source, mid, conf_text = (v.strip() for v in row)
+                try:
+                    conf = float(conf_text)
+                except ValueError:
+                    report.add("malformed_line", where, f"confidence {conf_text!r}", "line skipped")
+                    continue
+                if not 0.0 <= conf <= 1.0 or not image_id:
+                    report.add("malformed_line", where, f"image {image_id!r} confidence {conf}", "line skipped")
+                    continue
+                if mid not in class_of:
+                    count = outside.get(mid, (where, 0))
+                    outside[mid] = (count[0], count[1] + 1)
+                    continue
+                machine = source == "machine" or conf not in (0.0, 1.0)
+                if machine:
+                    if machine_threshold is None:
+                        report.add("machine_label", where, f"{source} confidence {conf}",
+                                   "line skipped (pass --machine-threshold to use machine labels)")
+                        continue
+                    if conf < machine_threshold:
+                        continue  # below the threshold: stays unknown
+                    table.add(image_id, class_of[mid], True, where)
+                else:
+                    table.add(image_id, class_of[mid], conf == 1.0, where)
+    # Labels outside the chosen vocabulary are expected (600 of ~20k classes): one report
+    # row per class, with its first line and count, not one per line.
+    for mid, (first, count) in sorted(outside.items()):
+        report.add("unknown_class", first, f"class {mid} not in the class list ({count} rows)", "rows ignored")
+    return table
+
+
+def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
+    mids, names = read_class_list(args.classes)
+    table = read_labels(args.labels, mids, report, args.machine_threshold)
+    images = index_images(args.images, report)
+    records = table.records(images)
+    return BuildSpec("openimages", names, {args.split: records}, {args.split: False},
+                     source={"labels": [str(p) for p in args.labels], "classes": str(args.classes),
+                             "class_ids": mids, "machine_threshold": args.machine_threshold})
