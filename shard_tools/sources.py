@@ -69,10 +69,11 @@ class LabelTable:
     def ids(self) -> set[str]:
         return set(self.pos)
 
-    def records(self, images: dict[str, Path], report_unlabelled: bool = True) -> list[Record]:
+    def records(self, images: dict[str, Path], report_unlabelled: bool = True,
+                missing: str = "label_without_image") -> list[Record]:
         """Records for every image found; label rows without an image are reported."""
         for image_id in sorted(self.ids() - set(images)):
-            self.report.add("label_without_image", self.where[image_id], f"image {image_id} not found",
+            self.report.add(missing, self.where[image_id], f"image {image_id} not found",
                             "labels ignored")
         out = []
         for image_id, path in images.items():

@@ -40,9 +40,8 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
                 continue  # difficult: unknown
             table.add(parts[0], c, parts[1] == "1", f"{path}:{n}")
     all_images = index_images(args.root / "JPEGImages", report, recursive=False)
+    # Only the images this image set lists; a listed image that is absent is missing.
     images = {k: v for k, v in all_images.items() if k in table.ids()}
-    for image_id in sorted(table.ids() - set(all_images)):
-        report.add("missing_image", table.where[image_id], f"{image_id}.jpg not in JPEGImages", "sample skipped")
-    table.where = {k: v for k, v in table.where.items() if k in all_images}
-    return BuildSpec("voc", classes, {args.split: table.records(images)}, {args.split: False},
+    records = table.records(images, missing="missing_image")
+    return BuildSpec("voc", classes, {args.split: records}, {args.split: False},
                      source={"root": str(args.root), "image_set": args.image_set})
