@@ -40,6 +40,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto: continue from the newest checkpoint in run_dir; never
     eval_every: int = 1
+    # torch.compile the model (CUDA; a start-up cost for a faster step).
+    compile: bool = False
     # Checkpoint every N steps as well as at each epoch end; 0 = epoch ends only.
     checkpoint_every: int = 0
 
@@ -77,10 +79,14 @@ class Trainer:
         self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        self.model = self.raw_model = model
+        if cfg.train.compile:
+            if self.device.type != "cuda" and dist_info.is_main:
+                warnings.warn("train.compile on CPU compiles for a CPU step; it pays off on CUDA")
+            self.model = torch.compile(model)
         if dist_info.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
@@ -147,7 +153,8 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------
     def _core(self) -> torch.nn.Module:
-        return self.model.module if hasattr(self.model, "module") else self.model
+        """The plain model under any DDP / torch.compile wrapper (what checkpoints hold)."""
+        return self.raw_model
 
     def state_dict(self) -> dict:
         """What every rank shares (saved once, by rank 0)."""

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from stream_pml.data.batch import dense_labels
 from stream_pml.data.config import DataConfig
 from stream_pml.data.loader import ShardLoader, deal_shards
 
 
-def _cfg(shards, **kw):
+BACKENDS = pytest.mark.parametrize("backend", ["dali", "torch"])
+
+
+def _cfg(shards, backend="dali", **kw):
     base = dict(shards=str(shards), image_size=32, batch_size=8, eval_batch_size=16,
-                num_threads=1, shuffle_buffer=8)
+                num_threads=1, shuffle_buffer=8, backend=backend)
     base.update(kw)
     return DataConfig(**base)
 
@@ -24,8 +29,9 @@ def test_deal_is_a_partition_that_changes_with_epoch():
     assert deal_shards(10, 3, 0, 1) == deals[0]
 
 
-def test_train_batches_come_from_owned_shards_only(digits_shards):
-    loaders = [ShardLoader(_cfg(digits_shards), rank=r, world_size=2, seed=3) for r in range(2)]
+@BACKENDS
+def test_train_batches_come_from_owned_shards_only(digits_shards, backend):
+    loaders = [ShardLoader(_cfg(digits_shards, backend), rank=r, world_size=2, seed=3) for r in range(2)]
     shard_size = loaders[0].manifest.shard_size
     seen = []
     for loader in loaders:
@@ -40,21 +46,23 @@ def test_train_batches_come_from_owned_shards_only(digits_shards):
     assert not seen[0] & seen[1]
 
 
-def test_train_order_is_reproducible(digits_shards):
+@BACKENDS
+def test_train_order_is_reproducible(digits_shards, backend):
     def rows(seed):
-        loader = ShardLoader(_cfg(digits_shards), seed=seed)
+        loader = ShardLoader(_cfg(digits_shards, backend), seed=seed)
         return [b.rows_B.tolist() for b in loader.train_epoch(1)]
 
     assert rows(1) == rows(1)
     assert rows(1) != rows(2)
 
 
-def test_eval_covers_every_sample_once_with_its_labels(digits_shards):
+@BACKENDS
+def test_eval_covers_every_sample_once_with_its_labels(digits_shards, backend):
     import json
 
     import webdataset as wds
 
-    loader = ShardLoader(_cfg(digits_shards, test_split="test"))
+    loader = ShardLoader(_cfg(digits_shards, backend, test_split="test"))
     expected = {}
     for shard in loader.manifest.splits["test"].shards:
         for s in wds.WebDataset(str(digits_shards / shard.name), shardshuffle=False, empty_check=False):
@@ -67,3 +75,46 @@ def test_eval_covers_every_sample_once_with_its_labels(digits_shards):
         for row, t in zip(b.rows_B.tolist(), targets):
             got[row] = np.nonzero(t.numpy())[0].tolist()
     assert got == expected
+
+
+@BACKENDS
+def test_stream_resumes_exactly_from_its_checkpoint(digits_shards, backend):
+    """N batches, snapshot, rebuild from the snapshot: the next K batches are identical."""
+    loader = ShardLoader(_cfg(digits_shards, backend), seed=5)
+    stream = loader.train_stream(2)
+    it = iter(stream)
+    for _ in range(4):
+        next(it)
+    snapshot = stream.checkpoint()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(loader.train_stream(2, checkpoint=snapshot, max_batches=3))
+    for a in expected:
+        b = next(resumed)
+        assert torch.equal(a.rows_B, b.rows_B) and torch.equal(a.images_BCHW, b.images_BCHW)
+        assert torch.equal(a.pos_BP, b.pos_BP) and torch.equal(a.neg_BN, b.neg_BN)
+    assert next(resumed, None) is None
+
+
+def test_backends_agree_on_labels_and_roughly_on_pixels(digits_shards):
+    """Same eval split through both backends: identical rows and labels, close pixels."""
+    out = {}
+    for backend in ("dali", "torch"):
+        loader = ShardLoader(_cfg(digits_shards, backend, test_split="test"))
+        batches = list(loader.eval_batches("test"))
+        out[backend] = {int(r): (b.images_BCHW[i].float(), set(b.pos_BP[i].tolist()) - {-1})
+                        for b in batches for i, r in enumerate(b.rows_B)}
+    assert out["dali"].keys() == out["torch"].keys()
+    for row, (img, pos) in out["dali"].items():
+        img_t, pos_t = out["torch"][row]
+        assert pos == pos_t
+        assert (img - img_t).abs().mean() < 12  # two resize kernels, same picture
+
+
+def test_normalize_matches_the_imagenet_formula():
+    from stream_pml.data.batch import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x), (x.float() / 255 - mean) / std)
+    assert normalize(x, channels_last=True).is_contiguous(memory_format=torch.channels_last)

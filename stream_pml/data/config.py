@@ -3,7 +3,9 @@
 from dataclasses import dataclass
 from typing import Optional
 
-BACKENDS = ("dali",)
+# auto: DALI when CUDA is present, else the torch-native backend, which measured faster on
+# CPU-only machines (BENCHMARKS.md); both are tested.
+BACKENDS = ("auto", "dali", "torch")
 
 
 @dataclass
@@ -19,8 +21,9 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 128
     flip: bool = True
-    backend: str = "dali"
-    # Threads of the decode pipeline per process; 0 = the cores divided by local processes.
+    backend: str = "auto"
+    # Decode threads (DALI) or worker processes (torch) per training process; 0 = the cores
+    # divided by the local processes.
     num_threads: int = 0
     # DALI's shuffle buffer (samples); shards are already shuffled at build time.
     shuffle_buffer: int = 512

@@ -52,7 +52,7 @@ class DaliShardStream:
     def __init__(self, tars: list[str], idxs: list[str], *, image_size: int, batch_size: int,
                  train: bool, flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
                  prefetch_depth: int = 2, max_batches: int | None = None,
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, **_: object):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         device_id = torch.cuda.current_device() if torch.cuda.is_available() else None

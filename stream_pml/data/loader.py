@@ -19,6 +19,15 @@ from shard_tools.manifest import Manifest, ManifestError, load_manifest, shard_p
 from .batch import Batch
 from .config import DataConfig
 from .dali import DaliShardStream
+from .torch_stream import TorchShardStream
+
+
+def resolve_backend(cfg: DataConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    import torch
+
+    return "dali" if torch.cuda.is_available() else "torch"
 
 
 def deal_shards(num_shards: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -47,6 +56,8 @@ class ShardLoader:
         self.world_size = world_size
         self.seed = seed
         self.directory = Path(cfg.shards)
+        self.backend = resolve_backend(cfg)
+        self._stream_cls = DaliShardStream if self.backend == "dali" else TorchShardStream
         self.manifest: Manifest = load_manifest(self.directory)
         self.train_split = self.manifest.split(cfg.train_split, self.directory)
         self.train_tars, self.train_idxs = shard_paths(self.directory, self.train_split)
@@ -81,16 +92,16 @@ class ShardLoader:
         return iter(self.train_stream(epoch))
 
     def train_stream(self, epoch: int, checkpoint: str | None = None,
-                     max_batches: int | None = None) -> DaliShardStream:
+                     max_batches: int | None = None) -> DaliShardStream | TorchShardStream:
         """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
         continues exactly where that stream was, ``max_batches`` limits what is left."""
         owned = self.owned_train_shards(epoch)
-        return DaliShardStream(
+        return self._stream_cls(
             [self.train_tars[i] for i in owned], [self.train_idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
-            num_threads=default_threads(self.cfg), shuffle_buffer=self.cfg.shuffle_buffer,
-            prefetch_depth=self.cfg.prefetch_depth,
+            num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
+            shuffle_buffer=self.cfg.shuffle_buffer, prefetch_depth=self.cfg.prefetch_depth,
             max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
             checkpoint=checkpoint)
 
@@ -100,8 +111,9 @@ class ShardLoader:
         owned = list(range(self.rank, len(tars), self.world_size))
         if not owned:
             return iter(())
-        return iter(DaliShardStream(
+        return iter(self._stream_cls(
             [tars[i] for i in owned], [idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
             flip=False, seed=0, num_threads=default_threads(self.cfg),
+            num_workers=default_threads(self.cfg),
             prefetch_depth=self.cfg.prefetch_depth))

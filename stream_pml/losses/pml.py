@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .common import all_reduce_sum, log_probs, masked_row_mean, sample_unknown
 
@@ -77,7 +78,7 @@ def pml_loss(
         num_known=known.sum(1).float(), num_pos=(y * known).sum(),
         pos_unk=(yt * logp * sampled).sum(1), neg_unk=((1 - yt) * logn * sampled).sum(1),
         num_sampled=sampled.sum(1).float(), pseudo_mass=(yt * sampled).sum())
-    return _combine(terms, logp, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
+    return _combine(terms, logits_BC.float(), epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
                     alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
                     beta_counts_pseudo=beta_counts_pseudo, stats=stats)
 
@@ -108,26 +109,28 @@ def pml_loss_sparse(
     list (row, class) whose terms are summed per image with ``index_add``. Same formula, same
     sampling draw as the dense form for the same generator state (tested).
     """
-    logp, logn = log_probs(logits_BC)
-    batch, num_classes = logp.shape
+    # Log-sigmoids only at the gathered entries: O(entries), not O(B x C).
+    x = logits_BC.float()
+    batch, num_classes = x.shape
     pos_valid, neg_valid = pos_BP >= 0, neg_BN >= 0
     pos_ids, neg_ids = pos_BP.clamp(min=0).long(), neg_BN.clamp(min=0).long()
-    yt = _pseudo(pseudo_BC, logp)
-    known = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=logp.device)
+    known = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=x.device)
     known.scatter_(1, torch.where(pos_valid, pos_ids, num_classes), True)
     known.scatter_(1, torch.where(neg_valid, neg_ids, num_classes), True)
     sampled = sample_unknown(~known[:, :num_classes], q, generator)
     rows_E, cols_E = sampled.nonzero(as_tuple=True)
-    yt_E = yt[rows_E, cols_E]
-    zeros_B = torch.zeros(batch, device=logp.device, dtype=logp.dtype)
+    x_E = x[rows_E, cols_E]
+    yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None
+            else pseudo_BC.detach().float()[rows_E, cols_E])
+    zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(
-        pos_known=(logp.gather(1, pos_ids) * pos_valid).sum(1),
-        neg_known=(logn.gather(1, neg_ids) * neg_valid).sum(1),
+        pos_known=(F.logsigmoid(x.gather(1, pos_ids)) * pos_valid).sum(1),
+        neg_known=(F.logsigmoid(-x.gather(1, neg_ids)) * neg_valid).sum(1),
         num_known=(pos_valid.sum(1) + neg_valid.sum(1)).float(), num_pos=pos_valid.sum().float(),
-        pos_unk=zeros_B.index_add(0, rows_E, yt_E * logp[rows_E, cols_E]),
-        neg_unk=zeros_B.index_add(0, rows_E, (1 - yt_E) * logn[rows_E, cols_E]),
+        pos_unk=zeros_B.index_add(0, rows_E, yt_E * F.logsigmoid(x_E)),
+        neg_unk=zeros_B.index_add(0, rows_E, (1 - yt_E) * F.logsigmoid(-x_E)),
         num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum())
-    return _combine(terms, logp, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
+    return _combine(terms, x, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
                     alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
                     beta_counts_pseudo=beta_counts_pseudo, stats=stats)
 
@@ -151,7 +154,7 @@ class _Terms:
     pseudo_mass: torch.Tensor
 
 
-def _combine(t: _Terms, logp: torch.Tensor, *, epoch: int, num_epochs: int, gamma: float, m: float,
+def _combine(t: _Terms, x: torch.Tensor, *, epoch: int, num_epochs: int, gamma: float, m: float,
              alpha_beta: bool, d: bool, p: bool, d_schedule: str, ab_scope: str,
              beta_counts_pseudo: bool, stats: dict | None) -> torch.Tensor:
     if ab_scope not in AB_SCOPES:
@@ -162,8 +165,9 @@ def _combine(t: _Terms, logp: torch.Tensor, *, epoch: int, num_epochs: int, gamm
         beta = max(float(num_pos / num_entries.clamp(min=1.0)), gamma) if alpha_beta else 1.0
         alpha = 1.0 - beta if alpha_beta else 1.0
         d_val = d_weight(epoch, num_epochs, m, d_schedule) if d else 1.0
-        all_low = (logp < math.log(0.1)).all(dim=1)
-        p_B = torch.where(all_low & p, 2.0, 1.0).to(logp.dtype)
+        # Every sigmoid(x_ij) < 0.1  <=>  max_j x_ij < logit(0.1): one reduction, no exp.
+        all_low = x.max(dim=1).values < math.log(0.1 / 0.9)
+        p_B = torch.where(all_low & p, 2.0, 1.0).to(x.dtype)
     ne, ns = t.num_known.clamp(min=1.0), t.num_sampled.clamp(min=1.0)
     pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
     pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
