@@ -1,0 +1,5 @@
+import sys
+
+from .grid import main
+
+sys.exit(main())

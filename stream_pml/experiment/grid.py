@@ -1,0 +1,134 @@
+"""``python -m stream_pml.experiment --grid configs/experiments/X.yaml``: run a grid, resumably.
+
+Cells already in ``results.csv`` are skipped on a rerun; each finished cell is appended at
+once, so an interrupted grid loses at most the cell in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from ..losses import LOSSES
+from .linear import VARIANTS, parse_setting, resolve_method, train_cell
+
+SETTINGS = ["fal", "pal0.3", "pal0.6", "pal0.9", "ppl0.3", "ppl0.6", "ppl0.9", "spl"]
+FIELDS = ["dataset", "method", "setting", "seed", "val_map", "test_map", "best_epoch", "setting_hash",
+          "seconds", "final_pseudo_mean"]
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "data"
+    kind: str = "npz"  # npz (X_train, Y_train, X_test, Y_test) or shards
+    path: str = ""
+    val_fraction: float = 0.2  # of the training rows, seeded, when there is no val split
+    weights: str = "bundled"  # shards: torchvision mobilenet_v2 weights file, or bundled
+    image_size: int = 224
+    splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "", "test": "test"})
+
+
+@dataclass
+class CellTrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class GridConfig:
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    methods: List[str] = field(default_factory=lambda: list(LOSSES))
+    settings: List[str] = field(default_factory=lambda: list(SETTINGS))
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation: bool = True  # adds the pml variants of the paper's Table VII
+    train: CellTrainConfig = field(default_factory=CellTrainConfig)
+    out_dir: str = "results/grid"
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            resolve_method(m)
+        for s in self.settings:
+            parse_setting(s)
+        if not self.datasets:
+            raise ValueError("datasets: name at least one")
+
+
+def load_grid(path: str, overrides: list[str] = ()) -> GridConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(GridConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _load_data(ds: DatasetConfig, out_dir: Path):
+    from .features import from_npz, from_shards
+
+    if ds.kind == "npz":
+        return from_npz(Path(ds.path), ds.val_fraction)
+    if ds.kind == "shards":
+        return from_shards(Path(ds.path), ds.weights, ds.image_size, out_dir / "features",
+                           ds.val_fraction, dict(ds.splits))
+    raise ValueError(f"dataset {ds.name}: kind {ds.kind!r} is not npz or shards")
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run_grid(cfg: GridConfig) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    results_path = out / "results.csv"
+    done = {(r["dataset"], r["method"], r["setting"], int(r["seed"])) for r in read_results(results_path)}
+    methods = list(cfg.methods) + ([v for v in VARIANTS] if cfg.ablation else [])
+    cells = [(ds, m, s, seed) for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
+    todo = [c for c in cells if (c[0].name, c[1], c[2], c[3]) not in done]
+    new_file = not results_path.exists()
+    data_cache: dict = {}
+    with open(results_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for ds, method, setting, seed in tqdm(todo, desc="cells", unit="cell", dynamic_ncols=True):
+            if ds.name not in data_cache:
+                data_cache[ds.name] = _load_data(ds, out)
+            row = train_cell(data_cache[ds.name], method, setting, seed, epochs=cfg.train.epochs,
+                             lr=cfg.train.lr, batch_size=cfg.train.batch_size,
+                             weight_decay=cfg.train.weight_decay)
+            writer.writerow({"dataset": ds.name, **{k: row[k] for k in FIELDS if k in row}})
+            f.flush()
+    from .report import write_report
+
+    write_report(read_results(results_path), out, methods, list(cfg.settings))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stream_pml.experiment", description=__doc__)
+    ap.add_argument("--grid", required=True, help="grid YAML (see configs/experiments/)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0]")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_grid(args.grid, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"grid error: {exc}", file=sys.stderr)
+        return 2
+    out = run_grid(cfg)
+    print(f"results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png")
+    return 0

@@ -1,0 +1,99 @@
+"""Tables laid out like the paper's (rows = methods, columns = settings) and plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .linear import VARIANTS, parse_setting
+
+# The research's ResNet-50 448 numbers (METHOD.md), shown only beside full COCO results.
+PAPER = {"coco": {"fal": 81.1, "pal0.3": 65.6, "pal0.6": 76.3, "pal0.9": 81.0, "ppl0.3": 73.1,
+                  "ppl0.6": 80.1, "ppl0.9": 83.6, "spl": 72.0}}
+
+
+def cell_stats(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(dataset, method, setting) -> (mean, std, n) of test mAP in %."""
+    acc: dict = defaultdict(list)
+    for r in rows:
+        acc[(r["dataset"], r["method"], r["setting"])].append(100 * float(r["test_map"]))
+    return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in acc.items()}
+
+
+def render_table(stats: dict, dataset: str, methods: list[str], settings: list[str]) -> str:
+    best = {s: max((stats[(dataset, m, s)][0] for m in methods if (dataset, m, s) in stats), default=None)
+            for s in settings}
+    lines = [f"| {dataset} | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for s in settings:
+            if (dataset, m, s) not in stats:
+                cells.append("")
+                continue
+            mean, std, _ = stats[(dataset, m, s)]
+            text = f"{mean:.1f} +/- {std:.1f}"
+            cells.append(f"**{text}**" if best[s] is not None and mean == best[s] else text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if dataset in PAPER:
+        lines.append("| paper (pml, ResNet-50 448) | " + " | ".join(f"{PAPER[dataset].get(s, '')}" for s in settings) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out: Path, methods: list[str], settings: list[str]) -> None:
+    stats = cell_stats(rows)
+    datasets = sorted({r["dataset"] for r in rows})
+    main_methods = [m for m in methods if m not in VARIANTS]
+    ablation = [m for m in methods if m == "pml" or m in VARIANTS]
+    seeds = sorted({r["seed"] for r in rows})
+    parts = [f"Test mAP (%) at the epoch with the best validation mAP, mean +/- std over seeds "
+             f"{', '.join(seeds)}; best mean per column in bold.", ""]
+    for ds in datasets:
+        parts += [f"## {ds}", "", render_table(stats, ds, main_methods, settings), ""]
+        if len(ablation) > 1:
+            parts += [f"### {ds}: ablation (paper Table VII)", "", render_table(stats, ds, ablation, settings), ""]
+        _plots(stats, ds, main_methods, ablation, settings, out)
+    (out / "table.md").write_text("\n".join(parts))
+
+
+def _plots(stats, ds, methods, ablation, settings, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, kind in zip(axes, ("pal", "ppl")):
+        cols = [s for s in settings if parse_setting(s)[0] == kind]
+        if not cols:
+            ax.axis("off")
+            continue
+        ratios = [parse_setting(s)[1] for s in cols]
+        for m in methods:
+            ys = [stats.get((ds, m, s), (np.nan,))[0] for s in cols]
+            ax.plot(ratios, ys, marker="o", label=m, linewidth=2.5 if m == "pml" else 1)
+        ax.set_title(f"{ds}: {kind.upper()}")
+        ax.set_xlabel("label ratio")
+        ax.set_ylabel("test mAP (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes:
+        if ax.get_lines():
+            ax.legend(fontsize=7, ncol=2)
+            break
+    fig.tight_layout()
+    fig.savefig(out / f"map_vs_ratio_{ds}.png")
+    plt.close(fig)
+    if len(ablation) > 1:
+        fig, ax = plt.subplots(figsize=(10, 3.5), dpi=110)
+        width = 0.8 / len(ablation)
+        for k, m in enumerate(ablation):
+            ys = [stats.get((ds, m, s), (np.nan,))[0] for s in settings]
+            ax.bar(np.arange(len(settings)) + k * width, ys, width, label=m)
+        ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings)
+        ax.set_ylabel("test mAP (%)")
+        ax.set_title(f"{ds}: ablation")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(out / f"ablation_{ds}.png")
+        plt.close(fig)
