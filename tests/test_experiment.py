@@ -59,3 +59,27 @@ def test_grid_config_errors_name_the_problem(tmp_path, capsys):
     f.write_text("datasets: [{name: x, path: y}]\nmethods: [nope]\n")
     assert main(["--grid", str(f)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_protocol_runs_the_trainer_per_cell(digits_shards, tmp_path):
+    f = tmp_path / "grid.yaml"
+    f.write_text(f"""
+datasets:
+  - name: digits
+    kind: trainer
+    path: {digits_shards}
+    overrides: [data.image_size=32, data.batch_size=8, data.num_threads=1, model.arch=mobilenet_v3_small,
+                train.epochs=1, optim.lr=1e-3]
+methods: [pml-q1]
+settings: [spl]
+seeds: [0]
+ablation: false
+out_dir: {tmp_path / 'out'}
+""")
+    assert main(["--grid", str(f)]) == 0
+    with open(tmp_path / "out" / "results.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["method"] == "pml-q1" and 0 < float(row["test_map"]) <= 1
+    cfg = (tmp_path / "out" / "runs" / "digits-pml-q1-spl-s0" / "config.yaml").read_text()
+    assert "q: 1.0" in cfg and "label_setting: spl" in cfg

@@ -28,12 +28,17 @@ FIELDS = ["dataset", "method", "setting", "seed", "val_map", "test_map", "best_e
 @dataclass
 class DatasetConfig:
     name: str = "data"
-    kind: str = "npz"  # npz (X_train, Y_train, X_test, Y_test) or shards
+    # npz (X_train, Y_train, X_test, Y_test) or shards: fixed features + linear heads;
+    # trainer: the full end-to-end protocol, each cell a training run (for GPUs)
+    kind: str = "npz"
     path: str = ""
     val_fraction: float = 0.2  # of the training rows, seeded, when there is no val split
     weights: str = "bundled"  # shards: torchvision mobilenet_v2 weights file, or bundled
     image_size: int = 224
     splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "", "test": "test"})
+    # kind=trainer: the run file and dotted overrides every cell starts from
+    config: str = ""
+    overrides: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +88,33 @@ def _load_data(ds: DatasetConfig, out_dir: Path):
     raise ValueError(f"dataset {ds.name}: kind {ds.kind!r} is not npz or shards")
 
 
+def trainer_cell(ds: DatasetConfig, method: str, setting: str, seed: int, out: Path) -> dict:
+    """The end-to-end protocol: one training run of the trainer per cell (resumable itself)."""
+    import json
+    import time
+
+    from ..train import main as train_main
+
+    name, extra = resolve_method(method)
+    kind, ratio = parse_setting(setting)
+    run_dir = out / "runs" / f"{ds.name}-{method}-{setting}-s{seed}"
+    args = ([] if not ds.config else ["--config", ds.config]) + list(ds.overrides) + [
+        f"data.shards={ds.path}", f"loss.name={name}", f"data.label_setting={kind}",
+        f"train.seed={seed}", f"train.run_dir={run_dir}"]
+    args += [f"loss.params.{k}={v}" for k, v in extra.items()]
+    if ratio is not None:
+        args.append(f"data.label_ratio={ratio}")
+    t0 = time.perf_counter()
+    if train_main(args) != 0:
+        raise RuntimeError(f"cell {method} / {setting} / seed {seed} failed; see {run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    info = json.loads((run_dir / "run_info.json").read_text())
+    return {"method": method, "setting": setting, "seed": seed,
+            "val_map": metrics["selected"].get("val_map", float("nan")), "test_map": metrics["test"]["map"],
+            "best_epoch": metrics["selected"]["epoch"], "setting_hash": info["label_setting_hash"],
+            "seconds": time.perf_counter() - t0, "final_pseudo_mean": float("nan")}
+
+
 def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -106,11 +138,14 @@ def run_grid(cfg: GridConfig) -> Path:
         if new_file:
             writer.writeheader()
         for ds, method, setting, seed in tqdm(todo, desc="cells", unit="cell", dynamic_ncols=True):
-            if ds.name not in data_cache:
-                data_cache[ds.name] = _load_data(ds, out)
-            row = train_cell(data_cache[ds.name], method, setting, seed, epochs=cfg.train.epochs,
-                             lr=cfg.train.lr, batch_size=cfg.train.batch_size,
-                             weight_decay=cfg.train.weight_decay)
+            if ds.kind == "trainer":
+                row = trainer_cell(ds, method, setting, seed, out)
+            else:
+                if ds.name not in data_cache:
+                    data_cache[ds.name] = _load_data(ds, out)
+                row = train_cell(data_cache[ds.name], method, setting, seed, epochs=cfg.train.epochs,
+                                 lr=cfg.train.lr, batch_size=cfg.train.batch_size,
+                                 weight_decay=cfg.train.weight_decay)
             writer.writerow({"dataset": ds.name, **{k: row[k] for k in FIELDS if k in row}})
             f.flush()
     from .report import write_report
