@@ -114,6 +114,7 @@ class Trainer:
         self.history: list[dict] = []
         self._resume_dali: str | None = None
         self._stream = None
+        self._val_thresholds: list[float] | None = None
 
     def _label_table(self) -> LabelTable | None:
         """The label setting's table for the training split; None = the shards' labels as they are."""
@@ -165,7 +166,7 @@ class Trainer:
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "history": self.history, "world_size": self.dist.world_size,
             "manifest": self.loader.manifest.fingerprint(), "arch": self.cfg.model.arch,
-            "config": _config_dict(self.cfg),
+            "config": _config_dict(self.cfg), "classes": self.loader.manifest.classes,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -286,8 +287,10 @@ class Trainer:
             write_csv(self.run_dir / "metrics.csv", self.history)
             step_log.epoch(result)
             if best is result:  # the selected model: by validation mAP only
-                ckpt.save_file(self.run_dir / "best.pt.tmp", {"model": self._core().state_dict(),
-                                                              "epoch": epoch, "val_map": result["map"]})
+                ckpt.save_file(self.run_dir / "best.pt.tmp", {
+                    "model": self._core().state_dict(), "epoch": epoch, "val_map": result["map"],
+                    "config": _config_dict(self.cfg), "classes": self.loader.manifest.classes,
+                    "thresholds": self._val_thresholds})
                 (self.run_dir / "best.pt.tmp").replace(self.run_dir / "best.pt")
             print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
                   f"at epoch {best['epoch']})", flush=True)
@@ -393,6 +396,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
+        """Metrics of ``split``; on the validation split also the per-class thresholds of
+        best F1, which ``predict --threshold calibrated`` uses."""
         self.model.eval()
         rows, scores, targets, known = [], [], [], []
         for batch in self.loader.eval_batches(split):
@@ -412,6 +417,10 @@ class Trainer:
         _, first = np.unique(rows_N, return_index=True)
         scores_NC, targets_NC, known_NC = scores_NC[first], targets_NC[first], known_NC[first]
         detail = mean_average_precision_detail(scores_NC, targets_NC, known_NC)
+        if split == self.cfg.data.val_split:
+            from .inference import calibrate_thresholds
+
+            self._val_thresholds = calibrate_thresholds(scores_NC, targets_NC, known_NC).tolist()
         return {"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
                 "skipped_classes": detail.num_skipped,
                 **threshold_metrics(scores_NC, targets_NC, known_NC)}

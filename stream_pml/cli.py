@@ -1,0 +1,99 @@
+"""``stream-pml``: train, evaluate, predict, export, experiment, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream-pml", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train (same arguments as python -m stream_pml.train)", add_help=False)
+    sub.add_parser("experiment", help="run a grid (same arguments as python -m stream_pml.experiment)",
+                   add_help=False)
+    e = sub.add_parser("evaluate", help="mAP, CP/CR/CF1/OP/OR/OF1 and per-class AP on a split")
+    e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
+    e.add_argument("--shards", required=True, type=Path)
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", type=Path, default=None, help="default: <checkpoint dir>/evaluation")
+    r = sub.add_parser("predict", help="labels with scores for images, a folder or a shard split")
+    r.add_argument("--checkpoint", required=True, type=Path)
+    r.add_argument("images", nargs="*", help="image files")
+    r.add_argument("--folder", type=Path)
+    r.add_argument("--out", type=Path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
+    r.add_argument("--threshold", default="0.5", help="a number, or 'calibrated' (per class, from validation)")
+    r.add_argument("--batch-size", type=int, default=32)
+    x = sub.add_parser("export", help="safetensors + JSON (classes, preprocessing) + TorchScript")
+    x.add_argument("--checkpoint", required=True, type=Path)
+    x.add_argument("--out", required=True, type=Path)
+    d = sub.add_parser("demo", help="build the embedded digits dataset if needed, train the demo")
+    d.add_argument("--data", type=Path, default=Path("data/digits"))
+    d.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "experiment":
+        from .experiment.grid import main as grid_main
+
+        return grid_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"stream-pml {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import inference
+
+    if args.command == "demo":
+        from shard_tools.cli import main as shard_main
+
+        from .train import main as train_main
+
+        if not (args.data / "manifest.json").exists():
+            if shard_main(["build", "digits", "--out", str(args.data)]) != 0:
+                return 2
+        return train_main(["--config", str(REPO_CONFIGS / "demo.yaml"), f"data.shards={args.data}", *args.overrides])
+    lm = inference.load_model(args.checkpoint, _device())
+    if args.command == "evaluate":
+        out = args.out or lm.source.parent / "evaluation"
+        result = inference.evaluate(lm, args.shards, args.split, out)
+        print(json.dumps(result, indent=1))
+        print(f"wrote {out}/evaluation_{args.split}.md, per_class_ap_{args.split}.csv and .png")
+        return 0
+    if args.command == "predict":
+        paths = inference._image_files(args.images, args.folder)
+        if not paths:
+            raise ValueError("no images given (files or --folder)")
+        t0 = time.perf_counter()
+        n = inference.write_predictions(inference.predict_files(lm, paths, args.batch_size), lm, args.out,
+                                        args.threshold)
+        print(f"{n} of {len(paths)} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        return 0
+    result = inference.export(lm, args.out)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Using a trained model: load it, evaluate it on shards, predict labels, export it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .data.batch import IMAGENET_MEAN, IMAGENET_STD, dense_labels, normalize
+from .metrics import mean_average_precision_detail, threshold_metrics
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    classes: list[str]
+    image_size: int
+    arch: str
+    thresholds: np.ndarray | None  # per class, calibrated on validation (best F1)
+    source: Path
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory means its ``best.pt`` (chosen on validation), else its newest checkpoint."""
+    from . import checkpoint as ckpt
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "best.pt").is_file():
+        return path / "best.pt"
+    found = ckpt.list_checkpoints(path)
+    if found:
+        return found[-1] / ckpt.MAIN_FILE
+    raise FileNotFoundError(f"{path}: no best.pt and no checkpoint")
+
+
+def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
+    from .model import ModelConfig, build_model
+
+    source = resolve_checkpoint(path)
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    if "classes" not in state or "config" not in state:
+        raise ValueError(f"{source}: not a stream-pml model checkpoint (no classes/config)")
+    cfg = state["config"]
+    model = build_model(ModelConfig(arch=cfg["model"]["arch"]), len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.eval().to(device or torch.device("cpu"))
+    thresholds = state.get("thresholds")
+    return LoadedModel(model, list(state["classes"]), int(cfg["data"]["image_size"]), cfg["model"]["arch"],
+                       None if thresholds is None else np.asarray(thresholds), source)
+
+
+@torch.no_grad()
+def score_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64):
+    """(rows, scores, targets, known) of every sample of a split."""
+    from .data.config import DataConfig
+    from .data.loader import ShardLoader
+
+    cfg = DataConfig(shards=str(shards), train_split=split, val_split="", test_split=split,
+                     image_size=lm.image_size, eval_batch_size=batch_size)
+    loader = ShardLoader(cfg)
+    if loader.num_classes != len(lm.classes):
+        raise ValueError(f"{shards}: {loader.num_classes} classes, the model has {len(lm.classes)}")
+    device = next(lm.model.parameters()).device
+    rows, scores, targets, known = [], [], [], []
+    for batch in loader.eval_batches(split):
+        batch = batch.to(device)
+        scores.append(torch.sigmoid(lm.model(normalize(batch.images_BCHW)).float()).cpu().numpy())
+        t, k = dense_labels(batch.pos_BP, batch.neg_BN, len(lm.classes))
+        rows.append(batch.rows_B.cpu().numpy())
+        targets.append(t.cpu().numpy())
+        known.append(k.cpu().numpy())
+    rows_N = np.concatenate(rows)
+    _, first = np.unique(rows_N, return_index=True)
+    return (rows_N[first], np.concatenate(scores)[first], np.concatenate(targets)[first],
+            np.concatenate(known)[first])
+
+
+def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Per class, the score threshold with the best F1 on these (validation) labels; 0.5
+    where a class has no known positive."""
+    out = np.full(scores.shape[1], 0.5)
+    for c in range(scores.shape[1]):
+        k = known[:, c]
+        y, s = targets[k, c] > 0.5, scores[k, c]
+        if not y.any():
+            continue
+        order = np.argsort(-s, kind="stable")
+        tp = np.cumsum(y[order])
+        precision = tp / np.arange(1, len(order) + 1)
+        recall = tp / y.sum()
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        out[c] = s[order][int(np.argmax(f1))]
+    return out
+
+
+def evaluate(lm: LoadedModel, shards: Path, split: str, out_dir: Path) -> dict:
+    _, scores, targets, known = score_shards(lm, shards, split)
+    detail = mean_average_precision_detail(scores, targets, known)
+    result = {"split": split, "map": detail.map, "num_images": len(scores),
+              "skipped_classes": detail.num_skipped, **threshold_metrics(scores, targets, known)}
+    freq = ((targets > 0.5) & known).sum(0)
+    order = np.argsort(-freq, kind="stable")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"per_class_ap_{split}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "positives", "ap"])
+        for c in order:
+            w.writerow([lm.classes[c], int(freq[c]), "" if np.isnan(detail.per_class_ap[c]) else f"{detail.per_class_ap[c]:.4f}"])
+    lines = [f"# {split}: mAP {100 * detail.map:.2f} % on {len(scores)} images ({detail.num_skipped} classes "
+             "skipped: no positive or no negative)", "",
+             " | ".join(f"{k} {100 * v:.1f}" for k, v in result.items() if k in ("CP", "CR", "CF1", "OP", "OR", "OF1")),
+             "", "| class | positives | AP (%) |", "|---|---|---|"]
+    lines += [f"| {lm.classes[c]} | {freq[c]} | "
+              f"{'' if np.isnan(detail.per_class_ap[c]) else f'{100 * detail.per_class_ap[c]:.1f}'} |" for c in order]
+    (out_dir / f"evaluation_{split}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"evaluation_{split}.json").write_text(json.dumps(result, indent=1))
+    _bar_chart(lm.classes, detail.per_class_ap, order, out_dir / f"per_class_ap_{split}.png")
+    return result
+
+
+def _bar_chart(classes, aps, order, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [c for c in order if not np.isnan(aps[c])][:60]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(shown)), 3.5), dpi=110)
+    ax.bar(range(len(shown)), [100 * aps[c] for c in shown])
+    ax.set_xticks(range(len(shown)), [classes[c] for c in shown], rotation=90, fontsize=6)
+    ax.set_ylabel("AP (%)")
+    ax.set_title("per-class AP, classes by frequency (most frequent first)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _image_files(images: Iterable[str], folder: Path | None) -> list[Path]:
+    paths = [Path(p) for p in images]
+    if folder is not None:
+        from shard_tools.sources import IMAGE_EXTS
+
+        paths += sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return paths
+
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
+    from shard_tools.writer import EncodeOptions, prepare_image
+
+    from .data.torch_stream import decode_resize
+
+    # The shard builder's own conversion: any format to RGB JPEG, fully decoded (checked).
+    jpeg, _ = prepare_image(path.read_bytes(), EncodeOptions())
+    return decode_resize(jpeg, size)
+
+
+@torch.no_grad()
+def predict_files(lm: LoadedModel, paths: list[Path], batch_size: int = 32) -> Iterator[dict]:
+    """One record per image: scores of every class, or the error that made it unreadable."""
+    device = next(lm.model.parameters()).device
+    for i in range(0, len(paths), batch_size):
+        good, images = [], []
+        for p in paths[i:i + batch_size]:
+            try:
+                images.append(_load_image(p, lm.image_size))
+                good.append(p)
+            except Exception as exc:  # a corrupt or missing file is reported, never fatal
+                print(f"predict: skipping {p}: {exc}", file=sys.stderr)
+                yield {"image": str(p), "error": str(exc)}
+        if not images:
+            continue
+        scores = torch.sigmoid(lm.model(normalize(torch.stack(images).to(device))).float()).cpu().numpy()
+        for p, s in zip(good, scores):
+            yield {"image": str(p), "scores": s}
+
+
+def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, threshold: str) -> int:
+    """JSONL or CSV (by suffix) of labels above the threshold: a number, or ``calibrated``."""
+    if threshold == "calibrated":
+        if lm.thresholds is None:
+            raise ValueError(f"{lm.source}: no calibrated thresholds (train with a validation split)")
+        thr = lm.thresholds
+    else:
+        thr = np.full(len(lm.classes), float(threshold))
+    n = 0
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f) if out.suffix == ".csv" else None
+        if writer:
+            writer.writerow(["image", "labels", "scores", "error"])
+        for rec in records:
+            if "error" in rec:
+                row = {"image": rec["image"], "labels": [], "scores": [], "error": rec["error"]}
+            else:
+                idx = np.nonzero(rec["scores"] >= thr)[0]
+                idx = idx[np.argsort(-rec["scores"][idx])]
+                row = {"image": rec["image"], "labels": [lm.classes[c] for c in idx],
+                       "scores": [round(float(rec["scores"][c]), 4) for c in idx]}
+                n += 1
+            if writer:
+                writer.writerow([row["image"], "|".join(row["labels"]), "|".join(map(str, row["scores"])),
+                                 row.get("error", "")])
+            else:
+                f.write(json.dumps(row) + "\n")
+    return n
+
+
+def export(lm: LoadedModel, out_dir: Path) -> dict:
+    """safetensors weights + a JSON of classes and preprocessing + TorchScript, checked equal."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = lm.model.cpu().eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    meta = {"arch": lm.arch, "classes": lm.classes, "num_classes": len(lm.classes),
+            "input": {"size": [lm.image_size, lm.image_size], "resize": "squash, bilinear antialiased",
+                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW RGB float32 in [0,1] then normalised"},
+            "output": "logits; sigmoid gives per-class probabilities",
+            "thresholds": None if lm.thresholds is None else [float(t) for t in lm.thresholds]}
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
+    sample = torch.randn(4, 3, lm.image_size, lm.image_size, generator=torch.Generator().manual_seed(0))
+    traced = torch.jit.trace(model, sample)
+    traced.save(str(out_dir / "model.torchscript.pt"))
+    reloaded = torch.jit.load(str(out_dir / "model.torchscript.pt"))
+    with torch.no_grad():
+        diff = float((torch.sigmoid(reloaded(sample)) - torch.sigmoid(model(sample))).abs().max())
+    if diff > 1e-4:
+        raise RuntimeError(f"TorchScript export differs from PyTorch by {diff} on a sample batch")
+    return {"max_abs_score_diff": diff, "files": sorted(p.name for p in out_dir.iterdir())}

@@ -1,0 +1,89 @@
+"""stream-pml evaluate / predict / export on a tiny trained run."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from stream_pml.cli import main as cli
+from stream_pml.train import main as train_main
+
+from .conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(digits_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("inference") / "run"
+    assert train_main(tiny_overrides(digits_shards, run, **{"train.epochs": 2})) == 0
+    return run
+
+
+def test_evaluate_matches_the_trainers_test_and_writes_reports(trained, digits_shards, tmp_path):
+    out = tmp_path / "eval"
+    assert cli(["evaluate", "--checkpoint", str(trained), "--shards", str(digits_shards),
+                "--split", "test", "--out", str(out)]) == 0
+    result = json.loads((out / "evaluation_test.json").read_text())
+    recorded = json.loads((trained / "metrics.json").read_text())["test"]
+    assert result["map"] == pytest.approx(recorded["map"], abs=1e-6)
+    assert result["num_images"] == 40
+    rows = (out / "per_class_ap_test.csv").read_text().splitlines()[1:]
+    counts = [int(r.split(",")[1]) for r in rows]
+    assert counts == sorted(counts, reverse=True)
+    assert (out / "per_class_ap_test.png").stat().st_size > 1000
+
+
+def _images(digits_shards, folder, n=3):
+    folder.mkdir()
+    with tarfile.open(digits_shards / "test-000000.tar") as tar:
+        jpgs = [m for m in tar if m.name.endswith(".jpg")][:n]
+        for k, m in enumerate(jpgs):
+            (folder / f"img{k}.jpg").write_bytes(tar.extractfile(m).read())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+
+
+def test_predict_reports_corrupt_images_and_uses_calibrated_thresholds(trained, digits_shards, tmp_path, capsys):
+    _images(digits_shards, tmp_path / "imgs")
+    out = tmp_path / "pred.jsonl"
+    assert cli(["predict", "--checkpoint", str(trained), "--folder", str(tmp_path / "imgs"),
+                "--out", str(out), "--threshold", "0.0"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4
+    broken = [r for r in records if r["image"].endswith("broken.jpg")]
+    assert broken and broken[0]["error"]
+    ok = [r for r in records if "error" not in r]
+    assert all(len(r["labels"]) == 10 and r["scores"] == sorted(r["scores"], reverse=True) for r in ok)
+    assert "skipping" in capsys.readouterr().err
+    best = torch.load(trained / "best.pt", weights_only=False)
+    assert len(best["thresholds"]) == 10
+    csv_out = tmp_path / "pred.csv"
+    assert cli(["predict", "--checkpoint", str(trained), "--folder", str(tmp_path / "imgs"),
+                "--out", str(csv_out), "--threshold", "calibrated"]) == 0
+    assert csv_out.read_text().splitlines()[0] == "image,labels,scores,error"
+
+
+def test_export_gives_the_same_scores_as_pytorch(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from stream_pml.inference import load_model
+    from stream_pml.model import ModelConfig, build_model
+
+    out = tmp_path / "export"
+    assert cli(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["num_classes"] == 10 and meta["input"]["size"] == [32, 32]
+    lm = load_model(trained)
+    fresh = build_model(ModelConfig(arch=meta["arch"]), meta["num_classes"]).eval()
+    fresh.load_state_dict(load_file(str(out / "model.safetensors")))
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = lm.model(x)
+        assert torch.allclose(fresh(x), ref, atol=1e-5)
+        assert torch.allclose(scripted(x), ref, atol=1e-4)
