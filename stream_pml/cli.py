@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, type=Path)
     r.add_argument("images", nargs="*", help="image files")
     r.add_argument("--folder", type=Path)
+    r.add_argument("--shards", type=Path, help="predict every sample of a built split instead")
+    r.add_argument("--split", default="test", help="with --shards (default %(default)s)")
     r.add_argument("--out", type=Path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
     r.add_argument("--threshold", default="0.5", help="a number, or 'calibrated' (per class, from validation)")
     r.add_argument("--batch-size", type=int, default=32)
@@ -82,13 +84,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}/evaluation_{args.split}.md, per_class_ap_{args.split}.csv and .png")
         return 0
     if args.command == "predict":
-        paths = inference._image_files(args.images, args.folder)
-        if not paths:
-            raise ValueError("no images given (files or --folder)")
         t0 = time.perf_counter()
-        n = inference.write_predictions(inference.predict_files(lm, paths, args.batch_size), lm, args.out,
-                                        args.threshold)
-        print(f"{n} of {len(paths)} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        if args.shards is not None:
+            records, total = inference.predict_shards(lm, args.shards, args.split, args.batch_size)
+        else:
+            paths = inference._image_files(args.images, args.folder)
+            if not paths:
+                raise ValueError("no images given (files, --folder or --shards)")
+            records, total = inference.predict_files(lm, paths, args.batch_size), len(paths)
+        n = inference.write_predictions(records, lm, args.out, args.threshold)
+        print(f"{n} of {total} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}")
         return 0
     result = inference.export(lm, args.out)
     print(json.dumps(result, indent=1))

@@ -153,13 +153,11 @@ def _image_files(images: Iterable[str], folder: Path | None) -> list[Path]:
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    from shard_tools.writer import EncodeOptions, prepare_image
-
     from .data.torch_stream import decode_resize
 
-    # The shard builder's own conversion: any format to RGB JPEG, fully decoded (checked).
-    jpeg, _ = prepare_image(path.read_bytes(), EncodeOptions())
-    return decode_resize(jpeg, size)
+    # The training loader's own decode + resize (PIL for what libjpeg-turbo refuses), so a
+    # prediction sees what training saw; a corrupt file raises and is reported.
+    return decode_resize(path.read_bytes(), size)
 
 
 @torch.no_grad()
@@ -180,6 +178,16 @@ def predict_files(lm: LoadedModel, paths: list[Path], batch_size: int = 32) -> I
         scores = torch.sigmoid(lm.model(normalize(torch.stack(images).to(device))).float()).cpu().numpy()
         for p, s in zip(good, scores):
             yield {"image": str(p), "scores": s}
+
+
+def predict_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64) -> tuple[list[dict], int]:
+    """Records for every sample of a built split, named by their source keys."""
+    from shard_tools.manifest import load_manifest
+
+    info = load_manifest(shards).split(split, shards)
+    keys = (Path(shards) / info.keys_file).read_text().splitlines()
+    rows, scores, _, _ = score_shards(lm, shards, split, batch_size)
+    return [{"image": keys[int(r)], "scores": s} for r, s in zip(rows, scores)], len(rows)
 
 
 def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, threshold: str) -> int:

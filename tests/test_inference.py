@@ -87,3 +87,27 @@ def test_export_gives_the_same_scores_as_pytorch(trained, tmp_path):
         ref = lm.model(x)
         assert torch.allclose(fresh(x), ref, atol=1e-5)
         assert torch.allclose(scripted(x), ref, atol=1e-4)
+
+
+def test_predict_over_a_shard_split_names_samples_by_key(trained, digits_shards, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    assert cli(["predict", "--checkpoint", str(trained), "--shards", str(digits_shards), "--split", "val",
+                "--out", str(out)]) == 0
+    names = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert sorted(names) == sorted((digits_shards / "val.keys.txt").read_text().split())
+
+
+def test_train_experiment_and_demo_subcommands(digits_shards, tmp_path, shared_data):
+    run = tmp_path / "run"
+    assert cli(["train", *tiny_overrides(digits_shards, run)]) == 0
+    assert (run / "metrics.json").is_file()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"datasets: [{{name: yeast, kind: npz, path: {shared_data / 'features/yeast/yeast.npz'}}}]\n"
+                    f"methods: [an]\nsettings: [spl]\nseeds: [0]\nablation: false\n"
+                    f"train: {{epochs: 1}}\nout_dir: {tmp_path / 'grid'}\n")
+    assert cli(["experiment", "--grid", str(grid)]) == 0
+    assert (tmp_path / "grid" / "table.md").is_file()
+    demo = tmp_path / "demo_run"
+    assert cli(["demo", "--data", str(tmp_path / "digits"), "train.epochs=1", f"train.run_dir={demo}",
+                "data.image_size=32"]) == 0
+    assert (tmp_path / "digits" / "manifest.json").is_file() and (demo / "best.pt").is_file()

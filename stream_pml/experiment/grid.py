@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
@@ -73,7 +74,7 @@ def load_grid(path: str, overrides: list[str] = ()) -> GridConfig:
         merged = OmegaConf.merge(OmegaConf.structured(GridConfig), OmegaConf.load(path),
                                  OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: {exc}") from None
 
 
