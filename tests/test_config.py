@@ -54,3 +54,10 @@ def test_missing_shard_directory_is_named(tmp_path, capsys):
     missing = tmp_path / "no_shards"
     assert main([f"data.shards={missing}", f"train.run_dir={tmp_path / 'run'}"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_shipped_run_files_load():
+    from .conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(str(path))
