@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -13,12 +12,6 @@ def log_probs(logits_BC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log sigmoid(x), log(1 - sigmoid(x))) in float32, stable for any logit."""
     x = logits_BC.float()
     return F.logsigmoid(x), F.logsigmoid(-x)
-
-
-def masked_row_mean(values_BC: torch.Tensor, mask_BC: torch.Tensor) -> torch.Tensor:
-    """Mean of each row over ``mask``; a row with an empty mask gives 0 (not NaN)."""
-    m = mask_BC.to(values_BC.dtype)
-    return (values_BC * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def masked_mean(values_BC: torch.Tensor, mask_BC: torch.Tensor) -> torch.Tensor:
@@ -50,10 +43,6 @@ def sample_unknown(unknown_BC: torch.Tensor, q: float, generator: torch.Generato
     # topk's indices are distinct within a row, so the False scatters never hit a taken entry.
     out.scatter_(1, idx, take)
     return out
-
-
-def num_sampled(num_unknown: int, q: float) -> int:
-    return int(math.ceil(num_unknown * q - 1e-9)) if q < 1.0 else num_unknown
 
 
 def all_reduce_sum(*values: torch.Tensor) -> list[torch.Tensor]:

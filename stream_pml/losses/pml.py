@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import all_reduce_sum, log_probs, masked_row_mean, sample_unknown
+from .common import all_reduce_sum, log_probs, sample_unknown
 
 D_SCHEDULES = ("text", "printed")
 AB_SCOPES = ("known", "all")
