@@ -86,17 +86,21 @@ def load(path: Path, rank: int) -> tuple[dict, dict]:
     return main, mine
 
 
-def newest_loadable(run_dir: Path, rank: int) -> int:
-    """Index in :func:`list_checkpoints` of the newest checkpoint this rank can load, or -1.
-    A corrupt or partial one is skipped with a warning naming it."""
+def load_newest(run_dir: Path, rank: int) -> tuple[int, tuple[dict, dict] | None]:
+    """(index in :func:`list_checkpoints`, its loaded states) of the newest checkpoint this
+    rank can load, or (-1, None). A corrupt or partial one is skipped with a warning naming it."""
     ckpts = list_checkpoints(run_dir)
     for i in range(len(ckpts) - 1, -1, -1):
         try:
-            load(ckpts[i], rank)
-            return i
+            return i, load(ckpts[i], rank)
         except Exception as exc:  # a truncated file raises from several layers
             warnings.warn(f"skipping unreadable checkpoint {ckpts[i]}: {type(exc).__name__}: {exc}")
-    return -1
+    return -1, None
+
+
+def newest_loadable(run_dir: Path, rank: int) -> int:
+    """Index of the newest checkpoint this rank can load, or -1 (see :func:`load_newest`)."""
+    return load_newest(run_dir, rank)[0]
 
 
 def prune(run_dir: Path, keep: int) -> None:

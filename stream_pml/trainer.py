@@ -210,8 +210,8 @@ class Trainer:
         """Continue from the newest loadable checkpoint and bring the store to its state."""
         rank = self.dist.rank
         ckpts = ckpt.list_checkpoints(self.run_dir)
-        index = ckpt.newest_loadable(self.run_dir, rank) if self.cfg.train.resume == "auto" else -1
-        index = int(all_reduce_min(index))  # every rank resumes from the same checkpoint
+        mine, loaded = ckpt.load_newest(self.run_dir, rank) if self.cfg.train.resume == "auto" else (-1, None)
+        index = int(all_reduce_min(mine))  # every rank resumes from the same checkpoint
         # Journals of checkpoints newer than the one resumed may have reached the store.
         for newer in reversed(ckpts[index + 1:]):
             self.store.rollback_journal(newer, rank)
@@ -220,7 +220,8 @@ class Trainer:
         barrier()
         if index < 0:
             return None
-        main_state, rank_state = ckpt.load(ckpts[index], rank)
+        # The states loaded while looking are reused unless another rank chose an older one.
+        main_state, rank_state = loaded if index == mine else ckpt.load(ckpts[index], rank)
         self.load_state_dict(main_state)
         self.load_rank_state_dict(rank_state)
         return ckpts[index]
