@@ -9,9 +9,11 @@ metadata), afterwards the model's last prediction. Invariants (DESIGN.md section
   chunk-sized buffer per touched chunk (bounded by the checkpoint interval; the trainer
   forces a checkpoint when ``pseudo.max_pending_mb`` is exceeded);
 - at a checkpoint each rank saves its updates as a journal inside the checkpoint directory
-  before the directory is published; after publishing, a background thread applies the
-  journal to Zarr, whole chunks at a time (partial chunk writes rewrite the chunk anyway),
-  after saving the chunks' previous rows as an undo file;
+  before the directory is published: every touched chunk whole (store + updates), already
+  compressed in Zarr's on-disk format, in one fsynced file. After publishing, a background
+  thread applies it: the chunks' current files are saved as an undo file, then each chunk
+  file is atomically replaced by the journal's bytes. A row is compressed once, and no
+  chunk is decoded or re-encoded during the apply;
 - on resume, journals of the resumed checkpoint and older that are not marked applied are
   re-applied (idempotent), and applied journals of newer checkpoints (published but not
   loadable, e.g. corrupt) are rolled back from their undo files. So the store always equals
@@ -80,7 +82,13 @@ def decode(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def _save_npz(path: Path, durable: bool = True, **arrays: np.ndarray) -> None:
+def _save_blobs(path: Path, chunks: list[int], blobs: list[bytes | None], durable: bool) -> None:
+    """Chunk files' bytes (None: no file) in one file: one write and one fsync, not one per chunk."""
+    sizes = [0 if b is None else len(b) for b in blobs]
+    arrays = {"chunks": np.asarray(chunks, dtype=np.int64),
+              "present": np.array([b is not None for b in blobs], dtype=bool),
+              "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+              "data": np.frombuffer(b"".join(b for b in blobs if b is not None), dtype=np.uint8)}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -88,6 +96,40 @@ def _save_npz(path: Path, durable: bool = True, **arrays: np.ndarray) -> None:
         if durable:
             os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def _load_blobs(path: Path) -> tuple[list[int], list[bytes | None]]:
+    with np.load(path) as z:
+        chunks, present, offsets, data = z["chunks"], z["present"], z["offsets"], z["data"]
+    blobs = [data[offsets[i]:offsets[i + 1]].tobytes() if present[i] else None for i in range(len(chunks))]
+    return [int(c) for c in chunks], blobs
+
+
+class ChunkCodec:
+    """Encodes and decodes whole chunks exactly as the store's Zarr metadata declares them
+    (bytes codec, little endian, then zstd), without Zarr's per-call machinery: zarr 3.1
+    spends ~4 ms per chunk write and ~2 ms per read around ~0.8 ms of compression
+    (BENCHMARKS.md). ``tests/test_pseudo_store.py`` checks both directions against Zarr."""
+
+    def __init__(self, array, chunk_rows: int, num_classes: int):
+        from numcodecs import Zstd
+        from zarr.codecs import BytesCodec, ZstdCodec
+
+        codecs = list(array.metadata.codecs)
+        if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], ZstdCodec)
+                or (codecs[0].endian is not None and codecs[0].endian.value != "little")):
+            raise StoreError(f"unsupported pseudo-label store codecs {codecs}: this store was not "
+                             "created by stream-pml (expected bytes + zstd)")
+        self.zstd = Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.shape = (chunk_rows, num_classes)
+
+    def encode(self, chunk_RC: np.ndarray) -> bytes:
+        assert chunk_RC.shape == self.shape, (chunk_RC.shape, self.shape)
+        return bytes(self.zstd.encode(np.ascontiguousarray(chunk_RC, dtype=self.dtype)))
+
+    def decode(self, blob: bytes) -> np.ndarray:
+        return np.frombuffer(self.zstd.decode(blob), dtype=self.dtype).reshape(self.shape)
 
 
 class PseudoLabelStore:
@@ -118,8 +160,13 @@ class PseudoLabelStore:
                 dtype=cfg.dtype, fill_value=encode(np.array(cfg.init), cfg.dtype).item(),
                 compressors=zarr.codecs.ZstdCodec(level=1))
             self.array.attrs["stream_pml"] = attrs
+        self.codec = ChunkCodec(self.array, chunk_rows, num_classes)
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._inflight: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+        # Whole chunks journaled at the last save_journal() (and the write count then), and
+        # those of published journals whose apply is still running: reads see them.
+        self._num_writes = 0
+        self._staged: tuple[dict[int, np.ndarray], int] = ({}, 0)
+        self._inflight: list[dict[int, np.ndarray]] = []
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudo-writer")
@@ -140,8 +187,7 @@ class PseudoLabelStore:
             if chunk in self._cache:
                 self._cache.move_to_end(chunk)
                 return self._cache[chunk]
-            start, stop = self._chunk_bounds(chunk)
-            data = self.array[start:stop]
+            data = self._read_chunk(chunk)
             self._cache[chunk] = data
             while len(self._cache) > self.cfg.cache_chunks:
                 self._cache.popitem(last=False)
@@ -152,16 +198,16 @@ class PseudoLabelStore:
         rows = np.asarray(rows_B.cpu() if isinstance(rows_B, torch.Tensor) else rows_B, dtype=np.int64)
         out = np.empty((len(rows), self.num_classes), dtype=self.array.dtype)
         chunks = rows // self.chunk_rows
-        for chunk in np.unique(chunks):
+        for chunk in np.unique(chunks).tolist():
             sel = chunks == chunk
             offsets = rows[sel] - chunk * self.chunk_rows
-            vals = self._base_chunk(int(chunk))[offsets].copy()
-            # Newer layers last: in-flight journals (oldest first), then pending updates.
-            for layer in [*self._inflight, self._pending]:
-                if int(chunk) in layer:
-                    buf, mask = layer[int(chunk)]
-                    hit = mask[offsets]
-                    vals[hit] = buf[offsets[hit]]
+            with self._lock:  # newest whole chunk first: journals being applied, else the store
+                base = next((layer[chunk] for layer in reversed(self._inflight) if chunk in layer), None)
+            vals = (base if base is not None else self._base_chunk(chunk))[offsets]
+            if chunk in self._pending:
+                buf, mask = self._pending[chunk]
+                hit = mask[offsets]
+                vals[hit] = buf[offsets[hit]]
             out[sel] = vals
         return torch.from_numpy(decode(out, self.dtype))
 
@@ -174,6 +220,7 @@ class PseudoLabelStore:
             old = (previous_BC if previous_BC is not None else self.read(rows)).cpu().numpy()
             probs = self.cfg.momentum * old + (1 - self.cfg.momentum) * probs
         values = encode(probs, self.dtype)
+        self._num_writes += 1
         chunks = rows // self.chunk_rows
         for chunk in np.unique(chunks):
             chunk = int(chunk)
@@ -195,22 +242,35 @@ class PseudoLabelStore:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_journal(self, ckpt_dir: Path, rank: int) -> Path:
-        """Write the updates since the last checkpoint into ``ckpt_dir`` (not yet published)."""
+        """Write the updates since the last checkpoint into ``ckpt_dir`` (not yet published).
+
+        The journal holds each touched chunk whole, already encoded in the store's on-disk
+        format: the store plus the updates, compressed once here (outside the GIL, in the
+        I/O threads). Applying it is then a file copy per chunk, with no Zarr call.
+        """
+        self.flush()  # the base chunks must include every earlier journal
         chunks = sorted(self._pending)
-        rows, values = [], []
-        for chunk in chunks:
-            buf, mask = self._pending[chunk]
-            offsets = np.nonzero(mask)[0]
-            rows.append(offsets + chunk * self.chunk_rows)
-            values.append(buf[offsets])
+        merged = list(self._io_pool.map(self._merged_chunk, chunks))
+        blobs = list(self._io_pool.map(self.codec.encode, merged))
         path = Path(ckpt_dir) / JOURNAL.format(rank=rank)
-        _save_npz(path, rows=np.concatenate(rows) if rows else np.zeros(0, np.int64),
-                  values=np.concatenate(values) if values else np.zeros((0, self.num_classes), self.array.dtype))
+        _save_blobs(path, chunks, blobs, durable=True)
+        self._staged = (dict(zip(chunks, merged)), self._num_writes)
         return path
+
+    def _merged_chunk(self, chunk: int) -> np.ndarray:
+        buf, mask = self._pending[chunk]
+        if mask.all():
+            return buf
+        data = self._base_chunk(chunk).copy()
+        data[mask] = buf[mask]
+        return data
 
     def apply_journal_async(self, ckpt_dir: Path, rank: int) -> Future:
         """After the checkpoint is published: apply its journal in the background."""
-        layer, self._pending = self._pending, {}
+        layer, num_writes = self._staged
+        if num_writes != self._num_writes:
+            raise StoreError("write() after save_journal(): those updates are in no journal")
+        self._pending, self._staged = {}, ({}, self._num_writes)
         with self._lock:
             self._inflight.append(layer)
         future = self._executor.submit(self._apply_and_release, Path(ckpt_dir), rank, layer)
@@ -223,6 +283,9 @@ class PseudoLabelStore:
         finally:
             with self._lock:
                 self._inflight.remove(layer)
+                self._cache.update(layer)  # the chunks now in the store, decoded
+                while len(self._cache) > self.cfg.cache_chunks:
+                    self._cache.popitem(last=False)
 
     def apply_journal(self, ckpt_dir: Path, rank: int) -> bool:
         """Apply ``ckpt_dir``'s journal of ``rank`` unless marked applied; idempotent."""
@@ -231,28 +294,18 @@ class PseudoLabelStore:
         journal = ckpt_dir / JOURNAL.format(rank=rank)
         if marker.exists() or not journal.exists():
             return False
-        with np.load(journal) as z:
-            rows, values = z["rows"], z["values"]
-        chunks = rows // self.chunk_rows
-        # Each touched chunk is read once: its old rows become the undo file (saved before
-        # anything is written), then the chunk is written back whole with the new rows.
-        ids = [int(c) for c in np.unique(chunks)]
-        # Chunk (de)compression runs outside the GIL: a few threads overlap it with file I/O.
-        touched = dict(zip(ids, self._io_pool.map(self._read_chunk, ids)))
+        chunks, blobs = _load_blobs(journal)
         undo = ckpt_dir / UNDO.format(rank=rank)
         if not undo.exists():
-            old = np.empty_like(values)
-            for c, data in touched.items():
-                sel = chunks == c
-                old[sel] = data[rows[sel] - c * self.chunk_rows]
-            # Not fsynced: the chunk files Zarr writes next are not either, so the undo file
-            # guards against process crashes (kept by the page cache), as they do; the
-            # journal, part of the published checkpoint, is fsynced.
-            _save_npz(undo, durable=False, rows=rows, values=old)
-        for c, data in touched.items():
-            sel = chunks == c
-            data[rows[sel] - c * self.chunk_rows] = values[sel]
-        list(self._io_pool.map(self._write_chunk, touched.keys(), touched.values()))
+            # The chunk files as they are now, saved whole before any is replaced. Not
+            # fsynced: the chunk files written next are not either, so the undo file guards
+            # against process crashes (the page cache keeps it), as they do; the journal, part
+            # of the published checkpoint, is fsynced.
+            old = [self._chunk_file(c).read_bytes() if self._chunk_file(c).exists() else None
+                   for c in chunks]
+            _save_blobs(undo, chunks, old, durable=False)
+        for c, blob in zip(chunks, blobs):
+            self._replace_chunk_file(c, blob)
         marker.write_text("applied\n")
         return True
 
@@ -262,32 +315,44 @@ class PseudoLabelStore:
         if not undo.exists():
             return False  # its apply never started
         try:
-            with np.load(undo) as z:
-                rows, values = z["rows"], z["values"]
+            chunks, blobs = _load_blobs(undo)
         except Exception as exc:
             raise StoreError(f"{undo}: unreadable undo file ({exc}); the pseudo-label store may be "
                              "ahead of the checkpoint being resumed") from exc
-        chunks = rows // self.chunk_rows
-        for chunk in np.unique(chunks):
-            self._write_rows(int(chunk), rows[chunks == chunk], values[chunks == chunk])
+        for c, blob in zip(chunks, blobs):
+            self._replace_chunk_file(c, blob)
         (Path(ckpt_dir) / APPLIED.format(rank=rank)).unlink(missing_ok=True)
         undo.unlink()
         return True
 
+    # -- chunk files -----------------------------------------------------------------------
+    def _chunk_file(self, chunk: int) -> Path:
+        return self.path / self.array.metadata.encode_chunk_key((chunk, 0))
+
     def _read_chunk(self, chunk: int) -> np.ndarray:
-        start, stop = self._chunk_bounds(chunk)
-        return np.array(self.array[start:stop])
+        """Chunk ``chunk`` decoded, ``chunk_rows`` rows (the last chunk is padded, as in Zarr)."""
+        path = self._chunk_file(chunk)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:  # never written: the fill value, like Zarr reads it
+            return np.full((self.chunk_rows, self.num_classes), self.array.fill_value, self.array.dtype)
+        try:
+            return self.codec.decode(blob)
+        except Exception as exc:
+            raise StoreError(f"{path}: corrupt pseudo-label chunk {chunk} ({exc})") from exc
 
-    def _write_chunk(self, chunk: int, data: np.ndarray) -> None:
-        start, stop = self._chunk_bounds(chunk)
+    def _replace_chunk_file(self, chunk: int, blob: bytes | None) -> None:
+        """Atomically set chunk ``chunk``'s file to ``blob`` (None: no file, the fill value)."""
+        path = self._chunk_file(chunk)
+        if blob is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(path)
         with self._lock:
-            self.array[start:stop] = data  # a whole, aligned chunk: one chunk write
             self._cache.pop(chunk, None)
-
-    def _write_rows(self, chunk: int, rows: np.ndarray, values: np.ndarray) -> None:
-        data = self._read_chunk(chunk)
-        data[rows - chunk * self.chunk_rows] = values
-        self._write_chunk(chunk, data)
 
     def flush(self) -> None:
         """Wait until every published journal has reached the store."""
@@ -296,7 +361,7 @@ class PseudoLabelStore:
             f.result()
 
     def discard_pending(self) -> None:
-        self._pending = {}
+        self._pending, self._staged = {}, ({}, self._num_writes)
 
     def close(self) -> None:
         self.flush()

@@ -141,18 +141,18 @@ def test_crash_mid_apply_rolls_back_to_the_previous_checkpoint(tmp_path, monkeyp
     ck2.mkdir()
     store.save_journal(ck2, 0)
     calls = {"n": 0}
-    real = PseudoLabelStore._write_chunk
+    real = PseudoLabelStore._replace_chunk_file
 
-    def dying_write(self, chunk, data):
+    def dying_write(self, chunk, blob):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed mid-apply")
-        real(self, chunk, data)
+        real(self, chunk, blob)
 
-    monkeypatch.setattr(PseudoLabelStore, "_write_chunk", dying_write)
+    monkeypatch.setattr(PseudoLabelStore, "_replace_chunk_file", dying_write)
     with pytest.raises(KeyboardInterrupt):
         store.apply_journal(ck2, 0)
-    monkeypatch.setattr(PseudoLabelStore, "_write_chunk", real)
+    monkeypatch.setattr(PseudoLabelStore, "_replace_chunk_file", real)
     half = _store(path).read(torch.arange(100))
     assert not torch.equal(half, before)  # the store is now ahead of ck1
     # Resuming from ck1 (say ck2 proved unreadable) rolls ck2's partial apply back.
@@ -162,3 +162,86 @@ def test_crash_mid_apply_rolls_back_to_the_previous_checkpoint(tmp_path, monkeyp
     # Resuming from ck2 instead re-applies it whole.
     assert resumed.apply_journal(ck2, 0) is True
     assert torch.allclose(_store(path).read(rows), torch.tensor(0.8), atol=0.5 / 254)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_chunk_files_are_zarrs_own_format_both_ways(tmp_path, dtype):
+    """The journal writes chunk files without Zarr; Zarr must read them, and we must read
+    what Zarr writes (the last chunk is partial: 95 rows in chunks of 10)."""
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    store = _store(path, rows=95, cfg=PseudoConfig(dtype=dtype))
+    rng = np.random.default_rng(0)
+    rows = np.array([0, 9, 44, 90, 94])
+    probs = rng.random((5, 6)).astype(np.float32)
+    store.write(rows, probs)
+    (tmp_path / "ck").mkdir()
+    store.save_journal(tmp_path / "ck", 0)
+    store.apply_journal_async(tmp_path / "ck", 0).result()
+    by_zarr = zarr.open_array(str(path), mode="r")[:]
+    expected = np.full((95, 6), encode(np.array(0.5), dtype))
+    expected[rows] = encode(probs, dtype)
+    np.testing.assert_array_equal(by_zarr, expected)
+
+    written = encode(rng.random((95, 6)), dtype)
+    zarr.open_array(str(path), mode="r+")[:] = written
+    np.testing.assert_array_equal(_store(path, rows=95, cfg=PseudoConfig(dtype=dtype)).read(np.arange(95)).numpy(),
+                                  decode(written, dtype))
+
+
+def test_store_with_other_codecs_is_refused(tmp_path):
+    import zarr
+
+    from stream_pml.pseudo_store import ChunkCodec
+
+    arr = zarr.create_array(store=str(tmp_path / "x.zarr"), shape=(10, 6), chunks=(5, 6), dtype="uint8",
+                            compressors=zarr.codecs.BloscCodec())
+    with pytest.raises(StoreError, match="not created by stream-pml"):
+        ChunkCodec(arr, 5, 6)
+
+
+def test_reads_during_a_background_apply_see_the_journal(tmp_path, monkeypatch):
+    store = _store(tmp_path / "s.zarr")
+    rows = torch.arange(0, 100, 3)
+    store.write(rows, torch.full((len(rows), 6), 0.25))
+    (tmp_path / "ck").mkdir()
+    store.save_journal(tmp_path / "ck", 0)
+    import threading
+    release = threading.Event()
+    real = PseudoLabelStore._replace_chunk_file
+
+    def slow(self, chunk, blob):
+        release.wait(10)
+        real(self, chunk, blob)
+
+    monkeypatch.setattr(PseudoLabelStore, "_replace_chunk_file", slow)
+    future = store.apply_journal_async(tmp_path / "ck", 0)
+    assert not future.done()
+    torch.testing.assert_close(store.read(rows), torch.full((len(rows), 6), 0.25), atol=0.5 / 254, rtol=0)
+    release.set()
+    future.result()
+    torch.testing.assert_close(store.read(rows), torch.full((len(rows), 6), 0.25), atol=0.5 / 254, rtol=0)
+    assert torch.all(store.read(torch.tensor([1, 2])) == 0.5)
+
+
+def test_write_between_journal_and_apply_is_refused(tmp_path):
+    store = _store(tmp_path / "s.zarr")
+    store.write(torch.tensor([1]), torch.ones(1, 6))
+    (tmp_path / "ck").mkdir()
+    store.save_journal(tmp_path / "ck", 0)
+    store.write(torch.tensor([2]), torch.ones(1, 6))
+    with pytest.raises(StoreError, match="in no journal"):
+        store.apply_journal_async(tmp_path / "ck", 0)
+
+
+def test_corrupt_chunk_file_is_named(tmp_path):
+    store = _store(tmp_path / "s.zarr")
+    store.write(torch.tensor([11]), torch.ones(1, 6))
+    (tmp_path / "ck").mkdir()
+    store.save_journal(tmp_path / "ck", 0)
+    store.apply_journal_async(tmp_path / "ck", 0).result()
+    chunk_file = store._chunk_file(1)
+    chunk_file.write_bytes(b"not zstd")
+    with pytest.raises(StoreError, match=r"c/1/0.*corrupt pseudo-label chunk 1"):
+        _store(tmp_path / "s.zarr").read(torch.tensor([11]))

@@ -106,7 +106,7 @@ def test_kill_during_checkpoint_write_or_store_apply_then_resume(digits_shards, 
     class Killed(BaseException):
         pass
 
-    for target, which in ((ckpt, "publish"), (PseudoLabelStore, "_write_chunk")):
+    for target, which in ((ckpt, "publish"), (PseudoLabelStore, "_replace_chunk_file")):
         run = tmp_path / f"run_{which}"
         real = getattr(target, which)
         calls = {"n": 0}
