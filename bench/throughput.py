@@ -104,7 +104,7 @@ def _baseline_loader(shards: Path, workers: int):
 
 
 def stage_loaders(shards: Path, repeats: int) -> dict:
-    from stream_pml.data.batch import normalize
+    from stream_pml.data.batch import Normalizer
     from stream_pml.data.dali import DaliShardStream
     from stream_pml.data.torch_stream import TorchShardStream
     from shard_tools.manifest import load_manifest, shard_paths
@@ -123,6 +123,7 @@ def stage_loaders(shards: Path, repeats: int) -> dict:
     def ours(cls):
         def run():
             n = 0
+            normalize = Normalizer()
             stream = cls(tars, idxs, image_size=SIZE, batch_size=32, train=True, flip=True, seed=0,
                          num_threads=cores, num_workers=cores, shuffle_buffer=64)
             for batch in stream:

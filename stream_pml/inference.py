@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .data.batch import IMAGENET_MEAN, IMAGENET_STD, dense_labels, normalize
+from .data.batch import IMAGENET_MEAN, IMAGENET_STD, Normalizer, dense_labels
 from .metrics import mean_average_precision_detail, threshold_metrics
 
 
@@ -70,6 +70,7 @@ def score_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64
         raise ValueError(f"{shards}: {loader.num_classes} classes, the model has {len(lm.classes)}")
     device = next(lm.model.parameters()).device
     rows, scores, targets, known = [], [], [], []
+    normalize = Normalizer()
     for batch in loader.eval_batches(split):
         batch = batch.to(device)
         scores.append(torch.sigmoid(lm.model(normalize(batch.images_BCHW)).float()).cpu().numpy())
@@ -164,6 +165,7 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
 def predict_files(lm: LoadedModel, paths: list[Path], batch_size: int = 32) -> Iterator[dict]:
     """One record per image: scores of every class, or the error that made it unreadable."""
     device = next(lm.model.parameters()).device
+    normalize = Normalizer()
     for i in range(0, len(paths), batch_size):
         good, images = [], []
         for p in paths[i:i + batch_size]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from shard_tools.manifest import ManifestError
 
 from . import checkpoint as ckpt
-from .data.batch import Batch, dense_labels, normalize
+from .data.batch import Batch, Normalizer, dense_labels
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags, all_reduce_min, barrier, gather_objects
 from .labels import LabelTable, make_partial, read_split_labels
 from .losses import LOSSES, get_loss
@@ -79,6 +79,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = self.raw_model = model
+        self.normalize = Normalizer(self.channels_last)
         if cfg.train.compile:
             if self.device.type != "cuda" and dist_info.is_main:
                 warnings.warn("train.compile on CPU compiles for a CPU step; it pays off on CUDA")
@@ -362,7 +363,7 @@ class Trainer:
             pos_BP, neg_BN = batch.pos_BP, batch.neg_BN
         else:
             pos_BP, neg_BN = self.labels.ids(batch.rows_B, self.device)
-        images = normalize(batch.images_BCHW, self.channels_last)
+        images = self.normalize(batch.images_BCHW)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             logits_BC = self.model(images)
         pseudo_BC = self.store.read(batch.rows_B).to(self.device) if self.loss_fn.uses_pseudo else None
@@ -403,7 +404,7 @@ class Trainer:
         for batch in self.loader.eval_batches(split):
             batch = batch.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                logits = self._core()(normalize(batch.images_BCHW, self.channels_last))
+                logits = self._core()(self.normalize(batch.images_BCHW))
             t, k = dense_labels(batch.pos_BP, batch.neg_BN, self.num_classes)
             rows.append(batch.rows_B.cpu().numpy())
             scores.append(torch.sigmoid(logits.float()).cpu().numpy())

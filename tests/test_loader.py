@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,54 @@ def test_normalize_matches_the_imagenet_formula():
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize(x), (x.float() / 255 - mean) / std)
     assert normalize(x, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalizer_reuses_its_buffer_and_matches_normalize(channels_last):
+    from stream_pml.data.batch import Normalizer, normalize
+
+    norm = Normalizer(channels_last)
+    a = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    b = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    out_a = norm(a)
+    torch.testing.assert_close(out_a, normalize(a), rtol=0, atol=0)
+    assert out_a.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ptr = out_a.data_ptr()
+    out_b = norm(b)
+    assert out_b.data_ptr() == ptr  # the same memory, overwritten
+    torch.testing.assert_close(out_b, normalize(b), rtol=0, atol=0)
+    last = torch.randint(0, 256, (1, 3, 5, 4), dtype=torch.uint8)  # an epoch's short last batch
+    torch.testing.assert_close(norm(last), normalize(last), rtol=0, atol=0)
+
+
+def test_torch_backend_names_the_shard_of_a_corrupt_image(digits_shards, tmp_path):
+    import shutil
+
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.torch_stream import TorchShardStream, read_index
+
+    copy = tmp_path / "shards"
+    shutil.copytree(digits_shards, copy)
+    tars, idxs = shard_paths(copy, load_manifest(copy).splits["train"])
+    offset, size = read_index(idxs[1])[5, 0]  # the 6th image of the 2nd shard
+    with open(tars[1], "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\0" * int(size))
+    stream = TorchShardStream(tars, idxs, image_size=32, batch_size=8, train=False, flip=False,
+                              seed=0, num_workers=2)
+    with pytest.raises(ValueError, match=rf"{Path(tars[1]).name}: cannot decode the image at byte {offset}"):
+        list(stream)
+
+
+def test_torch_backend_threads_give_the_same_batches_as_one_thread(digits_shards):
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.torch_stream import TorchShardStream
+
+    tars, idxs = shard_paths(digits_shards, load_manifest(digits_shards).splits["train"])
+
+    def batches(workers):
+        return list(TorchShardStream(tars, idxs, image_size=32, batch_size=8, train=True, flip=True,
+                                     seed=4, num_workers=workers))
+
+    for a, b in zip(batches(0), batches(3), strict=True):
+        assert torch.equal(a.images_BCHW, b.images_BCHW) and torch.equal(a.rows_B, b.rows_B)

@@ -53,7 +53,7 @@ def from_shards(shards: Path, weights: str, image_size: int, cache_dir: Path, va
                 splits: dict[str, str], seed: int = 0) -> FeatureData:
     """mobilenet_v2 features (1280-d, global average pool) of each split, cached by content."""
     from shard_tools.manifest import load_manifest
-    from stream_pml.data.batch import normalize, dense_labels
+    from stream_pml.data.batch import Normalizer, dense_labels
     from stream_pml.data.config import DataConfig
     from stream_pml.data.loader import ShardLoader
     import torchvision
@@ -75,6 +75,7 @@ def from_shards(shards: Path, weights: str, image_size: int, cache_dir: Path, va
                              image_size=image_size, eval_batch_size=64, backend="torch")
             loader = ShardLoader(cfg)
             xs, ys, rows = [], [], []
+            normalize = Normalizer()
             for batch in loader.eval_batches(split):
                 xs.append(model(normalize(batch.images_BCHW)).numpy())
                 t, k = dense_labels(batch.pos_BP, batch.neg_BN, manifest.num_classes)
