@@ -152,7 +152,8 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
         alpha_beta=True, d=True, p=True, d_schedule="text", ab_scope="known",
-        beta_counts_pseudo=False):
+        beta_counts_pseudo=False, pseudo_scale=1.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
+        unknown_clip=0.0, reject=0.0):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -167,16 +168,27 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         dv = math.exp((epoch + m - num_epochs) / num_epochs)
     else:
         dv = math.exp((epoch + m) / num_epochs)
+    def unknown_terms(x, yt):  # (positive, negative) term of one sampled unknown entry
+        t, s = pseudo_scale * float(yt), sig(x)
+        s_m = max(s - unknown_clip, 0.0)
+        neg = (1 - t) * (math.log(1 - s_m) if unknown_clip > 0 else ls(-x)) * s_m ** unknown_gamma_neg
+        return t * ls(x) * (1 - s) ** unknown_gamma_pos, neg
+
+    entries = [(i, j) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j]]
+    losses = {e: -sum(unknown_terms(float(logits[e[0]][e[1]]), pseudo[e[0]][e[1]])) for e in entries}
+    num_rejected = math.ceil(reject * (epoch - 1) * len(entries))
+    rejected = set(sorted(entries, key=lambda e: -losses[e])[:num_rejected])
     total = 0.0
     for i in range(B):
         xs = [float(v) for v in logits[i]]
         E = [j for j in range(C) if known[i][j]]
         S = [j for j in range(C) if sampled[i][j] and not known[i][j]]
+        U = [unknown_terms(xs[j], pseudo[i][j]) if (i, j) not in rejected else (0.0, 0.0) for j in S]
         pi = 2.0 if (p and all(sig(x) < 0.1 for x in xs)) else 1.0
         pk = sum(float(targets[i][j]) * ls(xs[j]) for j in E) / len(E) if E else 0.0
         nk = sum((1 - float(targets[i][j])) * ls(-xs[j]) for j in E) / len(E) if E else 0.0
-        pu = dv * sum(float(pseudo[i][j]) * ls(xs[j]) for j in S) / len(S) if S else 0.0
-        nu = dv * sum((1 - float(pseudo[i][j])) * ls(-xs[j]) for j in S) / len(S) if S else 0.0
+        pu = dv * sum(u[0] for u in U) / len(S) if S else 0.0
+        nu = dv * sum(u[1] for u in U) / len(S) if S else 0.0
         if ab_scope == "all":
             total += -pi * (alpha * (pk + pu) + beta * (nk + nu))
         else:

@@ -138,7 +138,7 @@ def test_pml_sparse_equals_dense(kind):
     logits, targets, known, pseudo, _ = make_batch(kind, 3, B=9, C=11)
     pos = _padded_ids(known & (targets == 1))
     neg = _padded_ids(known & (targets == 0))
-    for hp in ({}, {"ab_scope": "all", "beta_counts_pseudo": True}, {"q": 1.0, "p": False}):
+    for hp in ({}, {"ab_scope": "all", "beta_counts_pseudo": True}, {"q": 1.0, "p": False}, UNKNOWN_OPTIONS):
         s_dense, s_sparse = {}, {}
         dense = pml_loss(logits, targets, known, pseudo_BC=pseudo, epoch=2, num_epochs=4,
                          generator=torch.Generator().manual_seed(9), stats=s_dense, **hp)
@@ -177,6 +177,37 @@ def test_pml_ablation_switches_reduce_to_simpler_losses():
                            **{switch: False})
         assert one_off.item() == pytest.approx(expected, rel=1e-5)
         assert one_off.item() != pytest.approx(pml_loss(logits, targets, known, q=1.0, **kw).item(), rel=1e-4)
+
+
+UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma_neg": 2.0,
+                   "unknown_clip": 0.05, "reject": 0.1}
+
+
+@pytest.mark.parametrize("options", [{"pseudo_scale": 0.0}, {"pseudo_scale": 0.4},
+                                     {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
+                                     {"unknown_gamma_pos": 1.0}, {"reject": 0.05}, UNKNOWN_OPTIONS],
+                         ids=lambda o: ",".join(o))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pml_unknown_part_options_match_the_reference(options, dtype):
+    logits, targets, known, pseudo, _ = make_batch("random", 5, B=12, C=10)
+    logits = (logits * 3).to(dtype).requires_grad_(True)  # spread: clipping and focusing matter
+    sampled = sample_unknown(~known, 0.7, torch.Generator().manual_seed(2))
+    got = get_loss("pml", **options)(logits, targets, known, pseudo=pseudo, epoch=3, num_epochs=6,
+                                     sampled_BC=sampled)
+    expected = ref.pml(logits.detach().double().tolist(), targets.tolist(), known.tolist(), pseudo.tolist(),
+                       sampled.tolist(), epoch=3, num_epochs=6, **options)
+    assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert got.item() != pytest.approx(get_loss("pml")(logits, targets, known, pseudo=pseudo, epoch=3,
+                                                       num_epochs=6, sampled_BC=sampled).item(), rel=1e-4)
+    got.backward()
+    assert torch.isfinite(logits.grad.float()).all()
+
+
+def test_pml_options_are_validated_by_name_and_range():
+    with pytest.raises(ValueError, match="loss.params.pseudo_scal"):
+        get_loss("pml", pseudo_scal=0.5)
+    with pytest.raises(ValueError, match="pseudo_scale must be in"):
+        get_loss("pml", pseudo_scale=1.5)
 
 
 def test_pml_printed_forms_are_available():

@@ -6,6 +6,7 @@ num_epochs=1) -> scalar``; unknown hyper-parameter names are refused with the kn
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict
@@ -24,7 +25,7 @@ from .baselines import (
     splc_loss,
     wan_loss,
 )
-from .pml import pml_loss, pml_loss_sparse
+from .pml import PmlOptions, pml_loss, pml_loss_sparse
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,13 @@ class LossSpec:
     uses_prior: bool = False
     uses_estimator: bool = False
     uses_epoch: bool = False
+    # Keyword options collected in a dataclass (fn takes **options): its fields are the names.
+    options: type | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
-    "pml": LossSpec(pml_loss, {}, uses_pseudo=True, sparse_fn=pml_loss_sparse, uses_epoch=True),
+    "pml": LossSpec(pml_loss, {}, uses_pseudo=True, sparse_fn=pml_loss_sparse, uses_epoch=True,
+                    options=PmlOptions),
     "bce": LossSpec(bce_loss, {}),
     "bce_ls": LossSpec(bce_loss, {"label_smoothing": 0.1}),
     "focal": LossSpec(focal_loss, {}),
@@ -64,7 +68,10 @@ _CALL_ARGS = {"logits_BC", "targets_BC", "known_BC", "pseudo_BC", "epoch", "num_
 
 
 def hparam_names(name: str) -> list[str]:
-    sig = inspect.signature(LOSSES[name].fn)
+    spec = LOSSES[name]
+    if spec.options is not None:
+        return [f.name for f in dataclasses.fields(spec.options) if f.name not in _CALL_ARGS]
+    sig = inspect.signature(spec.fn)
     return [p for p, v in sig.parameters.items()
             if v.kind == v.KEYWORD_ONLY and p not in _CALL_ARGS]
 
@@ -118,6 +125,11 @@ def get_loss(name: str, **hparams: Any) -> BoundLoss:
         if key not in allowed:
             raise ValueError(f"loss.params.{key}: not a hyper-parameter of loss {name!r}; "
                              f"known: {', '.join(allowed) or 'none'}")
+    if LOSSES[name].options is not None:  # range checks now, not at the first step
+        try:
+            LOSSES[name].options(**{**LOSSES[name].defaults, **hparams})
+        except ValueError as exc:
+            raise ValueError(f"loss.params: {exc}") from exc
     return BoundLoss(name, hparams)
 
 

@@ -27,26 +27,67 @@ def d_weight(epoch: int, num_epochs: int, m: float = 3.0, schedule: str = "text"
     raise ValueError(f"d_schedule: {schedule!r} is not one of {D_SCHEDULES}")
 
 
+@dataclass(frozen=True)
+class PmlOptions:
+    """Hyper-parameters of :func:`pml_loss` (both forms take them as keywords).
+
+    The paper's parts (METHOD.md): ``gamma`` (floor of beta), ``m`` (of the d schedule),
+    ``q`` (share of unknown entries sampled per step), the ablation switches ``alpha_beta``,
+    ``d``, ``p``, the readings ``d_schedule`` ("text" ours, "printed") and ``ab_scope``
+    ("known" ours, "all" = the printed eq. 11, which diverges under PAL), and
+    ``beta_counts_pseudo``. Options of ours for the unknown (pseudo-labelled) part, off by
+    default so the defaults compute the paper's loss as pinned down in METHOD.md:
+
+    - ``pseudo_scale`` s: the unknown entries' target is s * ytilde. s = 1 is the paper;
+      s < 1 shrinks every pseudo label toward the negative that most unknowns are (an
+      unknown entry of a 600-class image is almost always a negative); s = 0 makes the
+      unknown part AN's "assume negative" on the sampled entries.
+    - ``unknown_gamma_pos``, ``unknown_gamma_neg``, ``unknown_clip``: ASL's asymmetric
+      focusing and probability clipping (Ridnik et al. 2021) on the unknown part:
+      t (1-s(x))^{g+} log s(x) + (1-t) s_m^{g-} log(1-s_m), s_m = max(s(x) - clip, 0).
+    - ``reject``: large-loss rejection (LL-R, Kim et al. 2022) on the unknown part: in
+      epoch e the ceil(reject (e - 1) |S|) sampled entries of the largest loss are left out.
+    """
+
+    epoch: int = 1
+    num_epochs: int = 1
+    gamma: float = 0.05
+    m: float = 3.0
+    q: float = 0.5
+    alpha_beta: bool = True
+    d: bool = True
+    p: bool = True
+    d_schedule: str = "text"
+    ab_scope: str = "known"
+    beta_counts_pseudo: bool = False
+    pseudo_scale: float = 1.0
+    unknown_gamma_pos: float = 0.0
+    unknown_gamma_neg: float = 0.0
+    unknown_clip: float = 0.0
+    reject: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ab_scope not in AB_SCOPES:
+            raise ValueError(f"ab_scope: {self.ab_scope!r} is not one of {AB_SCOPES}")
+        if self.d_schedule not in D_SCHEDULES:
+            raise ValueError(f"d_schedule: {self.d_schedule!r} is not one of {D_SCHEDULES}")
+        for name in ("pseudo_scale", "unknown_clip", "reject"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.unknown_gamma_pos < 0 or self.unknown_gamma_neg < 0:
+            raise ValueError("unknown_gamma_pos and unknown_gamma_neg must be >= 0")
+
+
 def pml_loss(
     logits_BC: torch.Tensor,
     targets_BC: torch.Tensor,
     known_BC: torch.Tensor,
     *,
     pseudo_BC: torch.Tensor | None = None,
-    epoch: int = 1,
-    num_epochs: int = 1,
-    gamma: float = 0.05,
-    m: float = 3.0,
-    q: float = 0.5,
-    alpha_beta: bool = True,
-    d: bool = True,
-    p: bool = True,
-    d_schedule: str = "text",
-    ab_scope: str = "known",
-    beta_counts_pseudo: bool = False,
     sampled_BC: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     stats: dict | None = None,
+    **options: object,
 ) -> torch.Tensor:
     """Partial multi-label loss with pseudo labels (paper eq. 12; METHOD.md decisions).
 
@@ -63,24 +104,19 @@ def pml_loss(
     the pseudo-label mass of S when ``beta_counts_pseudo``) and T = entries entering the loss
     (sum |E_i| + |S_i|), summed over DDP ranks. p_i = 2 if every sigmoid(x_ij) < 0.1 else 1.
     Switches ``alpha_beta``, ``d``, ``p`` off set those factors to 1; ``q=1`` keeps all of U_i.
-    Reduction: mean over the images of the batch. Empty E_i or S_i contribute 0.
+    ``options`` are the fields of :class:`PmlOptions`, which also lists our options for the
+    unknown part. Reduction: mean over the images of the batch. Empty E_i or S_i contribute 0.
     Source: the research text (shared/PAPER.txt) with METHOD.md's decisions.
     """
+    opts = PmlOptions(**options)
     logp, logn = log_probs(logits_BC)
     known = known_BC.bool()
     y = targets_BC.float()
-    yt = _pseudo(pseudo_BC, logp)
     if sampled_BC is None:
-        sampled_BC = sample_unknown(~known, q, generator)
-    sampled = sampled_BC & ~known
-    terms = _Terms(
-        pos_known=(y * logp * known).sum(1), neg_known=((1 - y) * logn * known).sum(1),
-        num_known=known.sum(1).float(), num_pos=(y * known).sum(),
-        pos_unk=(yt * logp * sampled).sum(1), neg_unk=((1 - yt) * logn * sampled).sum(1),
-        num_sampled=sampled.sum(1).float(), pseudo_mass=(yt * sampled).sum())
-    return _combine(terms, logits_BC.float(), epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
-                    alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
-                    beta_counts_pseudo=beta_counts_pseudo, stats=stats)
+        sampled_BC = sample_unknown(~known, opts.q, generator)
+    known_terms = dict(pos_known=(y * logp * known).sum(1), neg_known=((1 - y) * logn * known).sum(1),
+                       num_known=known.sum(1).float(), num_pos=(y * known).sum())
+    return _finish(known_terms, logits_BC.float(), sampled_BC & ~known, pseudo_BC, opts, stats)
 
 
 def pml_loss_sparse(
@@ -89,27 +125,17 @@ def pml_loss_sparse(
     neg_BN: torch.Tensor,
     *,
     pseudo_BC: torch.Tensor | None = None,
-    epoch: int = 1,
-    num_epochs: int = 1,
-    gamma: float = 0.05,
-    m: float = 3.0,
-    q: float = 0.5,
-    alpha_beta: bool = True,
-    d: bool = True,
-    p: bool = True,
-    d_schedule: str = "text",
-    ab_scope: str = "known",
-    beta_counts_pseudo: bool = False,
     generator: torch.Generator | None = None,
     stats: dict | None = None,
+    **options: object,
 ) -> torch.Tensor:
     """:func:`pml_loss` from padded class-id lists (-1 = padding), as batches carry them.
 
-    The known part is gathered at the listed ids; the sampled unknown entries become an entry
-    list (row, class) whose terms are summed per image with ``index_add``. Same formula, same
-    sampling draw as the dense form for the same generator state (tested).
+    The known part is gathered at the listed ids; log-sigmoids are computed only there and
+    at the sampled unknown entries: O(entries), not O(B x C). Same formula, same sampling
+    draw as the dense form for the same generator state (tested).
     """
-    # Log-sigmoids only at the gathered entries: O(entries), not O(B x C).
+    opts = PmlOptions(**options)
     x = logits_BC.float()
     batch, num_classes = x.shape
     pos_valid, neg_valid = pos_BP >= 0, neg_BN >= 0
@@ -117,27 +143,52 @@ def pml_loss_sparse(
     known = torch.zeros(batch, num_classes + 1, dtype=torch.bool, device=x.device)
     known.scatter_(1, torch.where(pos_valid, pos_ids, num_classes), True)
     known.scatter_(1, torch.where(neg_valid, neg_ids, num_classes), True)
-    sampled = sample_unknown(~known[:, :num_classes], q, generator)
-    rows_E, cols_E = sampled.nonzero(as_tuple=True)
+    sampled = sample_unknown(~known[:, :num_classes], opts.q, generator)
+    known_terms = dict(pos_known=(F.logsigmoid(x.gather(1, pos_ids)) * pos_valid).sum(1),
+                       neg_known=(F.logsigmoid(-x.gather(1, neg_ids)) * neg_valid).sum(1),
+                       num_known=(pos_valid.sum(1) + neg_valid.sum(1)).float(),
+                       num_pos=pos_valid.sum().float())
+    return _finish(known_terms, x, sampled, pseudo_BC, opts, stats)
+
+
+def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo_BC: torch.Tensor | None,
+            opts: PmlOptions, stats: dict | None) -> torch.Tensor:
+    """The unknown part from the sampled entries as an (image, class) list, then eq. 12."""
+    batch = x.shape[0]
+    rows_E, cols_E = sampled_BC.nonzero(as_tuple=True)
     x_E = x[rows_E, cols_E]
-    yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None
+    yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None  # targets: never a gradient path
             else pseudo_BC.detach().float()[rows_E, cols_E])
+    pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, opts)
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
-    terms = _Terms(
-        pos_known=(F.logsigmoid(x.gather(1, pos_ids)) * pos_valid).sum(1),
-        neg_known=(F.logsigmoid(-x.gather(1, neg_ids)) * neg_valid).sum(1),
-        num_known=(pos_valid.sum(1) + neg_valid.sum(1)).float(), num_pos=pos_valid.sum().float(),
-        pos_unk=zeros_B.index_add(0, rows_E, yt_E * F.logsigmoid(x_E)),
-        neg_unk=zeros_B.index_add(0, rows_E, (1 - yt_E) * F.logsigmoid(-x_E)),
-        num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum())
-    return _combine(terms, x, epoch=epoch, num_epochs=num_epochs, gamma=gamma, m=m,
-                    alpha_beta=alpha_beta, d=d, p=p, d_schedule=d_schedule, ab_scope=ab_scope,
-                    beta_counts_pseudo=beta_counts_pseudo, stats=stats)
+    terms = _Terms(**known_terms,
+                   pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
+                   num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum())
+    return _combine(terms, x, opts, stats)
 
 
-def _pseudo(pseudo_BC: torch.Tensor | None, logp: torch.Tensor) -> torch.Tensor:
-    # Pseudo labels are targets: never a path for gradients.
-    return torch.full_like(logp, 0.5) if pseudo_BC is None else pseudo_BC.detach().float()
+def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sampled unknown entry: t log s(x) and (1 - t) log(1 - s(x)), t = pseudo_scale
+    ytilde, with ASL focusing / clipping and LL-R rejection when those options are on."""
+    t_E = o.pseudo_scale * yt_E
+    logp_E, logn_E = F.logsigmoid(x_E), F.logsigmoid(-x_E)
+    if o.unknown_clip > 0:
+        one_minus_pm = (logn_E.exp() + o.unknown_clip).clamp(max=1.0)
+        log_neg_E, pm_E = one_minus_pm.log(), 1.0 - one_minus_pm
+    else:
+        log_neg_E, pm_E = logn_E, logp_E.exp()
+    pos_E = t_E * logp_E
+    neg_E = (1 - t_E) * log_neg_E
+    if o.unknown_gamma_pos:
+        pos_E = pos_E * (1 - logp_E.exp()).pow(o.unknown_gamma_pos)
+    if o.unknown_gamma_neg:
+        neg_E = neg_E * pm_E.pow(o.unknown_gamma_neg)
+    k = math.ceil(o.reject * (o.epoch - 1) * x_E.numel())
+    if k > 0:
+        keep = torch.ones_like(x_E, dtype=torch.bool)
+        keep[torch.topk(-(pos_E + neg_E).detach(), min(k, x_E.numel())).indices] = False
+        pos_E, neg_E = pos_E * keep, neg_E * keep
+    return pos_E, neg_E
 
 
 @dataclass
@@ -154,24 +205,20 @@ class _Terms:
     pseudo_mass: torch.Tensor
 
 
-def _combine(t: _Terms, x: torch.Tensor, *, epoch: int, num_epochs: int, gamma: float, m: float,
-             alpha_beta: bool, d: bool, p: bool, d_schedule: str, ab_scope: str,
-             beta_counts_pseudo: bool, stats: dict | None) -> torch.Tensor:
-    if ab_scope not in AB_SCOPES:
-        raise ValueError(f"ab_scope: {ab_scope!r} is not one of {AB_SCOPES}")
+def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> torch.Tensor:
     with torch.no_grad():
-        num_pos = t.num_pos + (t.pseudo_mass if beta_counts_pseudo else 0.0)
+        num_pos = t.num_pos + (t.pseudo_mass if o.beta_counts_pseudo else 0.0)
         num_pos, num_entries = all_reduce_sum(num_pos, t.num_known.sum() + t.num_sampled.sum())
-        beta = max(float(num_pos / num_entries.clamp(min=1.0)), gamma) if alpha_beta else 1.0
-        alpha = 1.0 - beta if alpha_beta else 1.0
-        d_val = d_weight(epoch, num_epochs, m, d_schedule) if d else 1.0
+        beta = max(float(num_pos / num_entries.clamp(min=1.0)), o.gamma) if o.alpha_beta else 1.0
+        alpha = 1.0 - beta if o.alpha_beta else 1.0
+        d_val = d_weight(o.epoch, o.num_epochs, o.m, o.d_schedule) if o.d else 1.0
         # Every sigmoid(x_ij) < 0.1  <=>  max_j x_ij < logit(0.1): one reduction, no exp.
         all_low = x.max(dim=1).values < math.log(0.1 / 0.9)
-        p_B = torch.where(all_low & p, 2.0, 1.0).to(x.dtype)
+        p_B = torch.where(all_low & o.p, 2.0, 1.0).to(x.dtype)
     ne, ns = t.num_known.clamp(min=1.0), t.num_sampled.clamp(min=1.0)
     pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
     pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
-    if ab_scope == "all":
+    if o.ab_scope == "all":
         per_image = alpha * (pos_known + pos_unk) + beta * (neg_known + neg_unk)
     else:
         per_image = alpha * pos_known + beta * neg_known + pos_unk + neg_unk
