@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
+
 import pytest
 
 from stream_pml.experiment import grid as grid_mod
@@ -83,3 +85,21 @@ out_dir: {tmp_path / 'out'}
     assert row["method"] == "pml-q1" and 0 < float(row["test_map"]) <= 1
     cfg = (tmp_path / "out" / "runs" / "digits-pml-q1-spl-s0" / "config.yaml").read_text()
     assert "q: 1.0" in cfg and "label_setting: spl" in cfg
+
+
+def test_diagnose_writes_curves_and_ap_by_class_frequency(shared_data, tmp_path):
+    from stream_pml.experiment.diagnose import frequency_buckets, main as diagnose_main
+
+    out = tmp_path / "diag"
+    assert diagnose_main(["--data", str(shared_data / "features/yeast/yeast.npz"), "--methods", "pml", "an",
+                          "--settings", "spl", "--epochs", "2", "--out", str(out)]) == 0
+    curves = list(csv.DictReader(open(out / "curves.csv")))
+    assert [(r["method"], r["epoch"]) for r in curves] == [("pml", "1"), ("pml", "2"), ("an", "1"), ("an", "2")]
+    pml_rows = [r for r in curves if r["method"] == "pml"]
+    assert all(0 < float(r["beta"]) < 1 and float(r["alpha"]) + float(r["beta"]) == 1 for r in pml_rows)
+    assert all(r["alpha"] == "" for r in curves if r["method"] == "an")  # pml's statistics only
+    assert (out / "curves.png").stat().st_size > 0 and "rare third" in (out / "ap_by_frequency.md").read_text()
+    freq = np.array([5, 1, 9, 3, 7, 2, 8])
+    buckets = frequency_buckets(freq)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(7))
+    assert freq[buckets[0]].max() <= freq[buckets[2]].min()

@@ -9,7 +9,7 @@ import torch
 
 from ..labels import make_partial, setting_hash
 from ..losses import LOSSES, get_loss
-from ..metrics import mean_average_precision
+from ..metrics import mean_average_precision, mean_average_precision_detail
 from .features import FeatureData
 
 # The paper's ablation (Table VII): each part of pml switched off in turn.
@@ -45,8 +45,14 @@ def _map(scores: np.ndarray, Y: np.ndarray) -> float:
 
 
 def train_cell(data: FeatureData, method: str, setting: str, seed: int, *, epochs: int = 20,
-               lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 1e-4) -> dict:
-    """Train, select the epoch on validation mAP, report that epoch's test mAP."""
+               lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 1e-4,
+               detail: bool = False) -> dict:
+    """Train, select the epoch on validation mAP, report that epoch's test mAP.
+
+    ``detail``: also return ``history`` (per epoch: validation mAP, mean pseudo label, and
+    for pml the batch means of alpha, beta and the share of p = 2 images) and, at the chosen
+    epoch, ``class_ap`` (test AP per class) with ``class_train_freq`` (full-label positives
+    per class in the training rows): what explains a cell being won or lost."""
     t0 = time.perf_counter()
     name, extra = resolve_method(method)
     kind, ratio = parse_setting(setting)
@@ -85,12 +91,16 @@ def train_cell(data: FeatureData, method: str, setting: str, seed: int, *, epoch
     for epoch in range(1, epochs + 1):
         head.train()
         order = torch.randperm(N, generator=gen)
+        epoch_stats: dict[str, list] = {}
         for i in range(0, N, batch_size):
             rows = order[i:i + batch_size]
             logits = head(X["train"][rows])
             kw = {"generator": gen}
             if estimator is not None:
                 kw["estimates_BC"] = estimator(rows)
+            step_stats: dict = {}
+            if detail and name == "pml":
+                kw["stats"] = step_stats
             loss = loss_fn(logits, targets_all[rows], known_all[rows], pseudo=pseudo[rows],
                            epoch=epoch, num_epochs=epochs, **kw)
             opt.zero_grad()
@@ -98,13 +108,23 @@ def train_cell(data: FeatureData, method: str, setting: str, seed: int, *, epoch
             opt.step()
             if loss_fn.uses_pseudo:
                 pseudo[rows] = torch.sigmoid(logits.detach())
+            for key in ("alpha", "beta", "p2_share"):
+                if key in step_stats:
+                    epoch_stats.setdefault(key, []).append(step_stats[key])
         head.eval()
         with torch.no_grad():
             val = _map(torch.sigmoid(head(X["val"])).numpy(), data.Y["val"])
-            test = _map(torch.sigmoid(head(X["test"])).numpy(), data.Y["test"])
-        history.append({"epoch": epoch, "val_map": val, "pseudo_mean": float(pseudo.mean())})
-        if val > best["val_map"]:
-            best = {"val_map": val, "test_map": test, "best_epoch": epoch}
-    return {"method": method, "setting": setting, "seed": seed, **best,
-            "setting_hash": setting_hash(partial), "seconds": time.perf_counter() - t0,
-            "final_pseudo_mean": history[-1]["pseudo_mean"]}
+            history.append({"epoch": epoch, "val_map": val, "pseudo_mean": float(pseudo.mean()),
+                            **{k: float(np.mean(v)) for k, v in epoch_stats.items()}})
+            if val > best["val_map"]:  # test is scored only for the epoch validation picks
+                Y_test = data.Y["test"]
+                result = mean_average_precision_detail(torch.sigmoid(head(X["test"])).numpy(),
+                                                       Y_test == 1, Y_test >= 0)
+                best = {"val_map": val, "test_map": result.map, "best_epoch": epoch}
+                class_ap = result.per_class_ap
+    out = {"method": method, "setting": setting, "seed": seed, **best,
+           "setting_hash": setting_hash(partial), "seconds": time.perf_counter() - t0,
+           "final_pseudo_mean": history[-1]["pseudo_mean"]}
+    if detail:
+        out.update(history=history, class_ap=class_ap, class_train_freq=(full == 1).sum(0))
+    return out
