@@ -103,3 +103,14 @@ def test_diagnose_writes_curves_and_ap_by_class_frequency(shared_data, tmp_path)
     buckets = frequency_buckets(freq)
     assert sorted(np.concatenate(buckets).tolist()) == list(range(7))
     assert freq[buckets[0]].max() <= freq[buckets[2]].min()
+
+
+def test_grid_in_worker_processes_records_the_same_cells(grid_file, tmp_path):
+    assert main(["--grid", str(grid_file)]) == 0
+    assert main(["--grid", str(grid_file), "workers=2", f"out_dir={tmp_path / 'par'}"]) == 0
+
+    def cells(path):
+        with open(path / "results.csv") as f:
+            return {(r["method"], r["setting"], r["seed"]): r["test_map"] for r in csv.DictReader(f)}
+
+    assert cells(tmp_path / "par") == cells(tmp_path / "out")

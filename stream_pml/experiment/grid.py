@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing as mp
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -59,6 +62,8 @@ class GridConfig:
     ablation: bool = True  # adds the pml variants of the paper's Table VII
     train: CellTrainConfig = field(default_factory=CellTrainConfig)
     out_dir: str = "results/grid"
+    # Cells run in this many processes at once (fixed-features cells are single-threaded).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -67,6 +72,8 @@ class GridConfig:
             parse_setting(s)
         if not self.datasets:
             raise ValueError("datasets: name at least one")
+        if self.workers < 1:
+            raise ValueError(f"workers: must be >= 1, got {self.workers}")
 
 
 def load_grid(path: str, overrides: list[str] = ()) -> GridConfig:
@@ -133,26 +140,48 @@ def run_grid(cfg: GridConfig) -> Path:
     cells = [(ds, m, s, seed) for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
     todo = [c for c in cells if (c[0].name, c[1], c[2], c[3]) not in done]
     new_file = not results_path.exists()
-    data_cache: dict = {}
+    if cfg.workers > 1:  # features are extracted once, before the workers need them
+        for ds in {ds.name: ds for ds, *_ in todo if ds.kind == "shards"}.values():
+            _load_data(ds, out)
+    jobs = [(cfg, ds, method, setting, seed, out) for ds, method, setting, seed in todo]
     with open(results_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        for ds, method, setting, seed in tqdm(todo, desc="cells", unit="cell", dynamic_ncols=True):
-            if ds.kind == "trainer":
-                row = trainer_cell(ds, method, setting, seed, out)
-            else:
-                if ds.name not in data_cache:
-                    data_cache[ds.name] = _load_data(ds, out)
-                row = train_cell(data_cache[ds.name], method, setting, seed, epochs=cfg.train.epochs,
-                                 lr=cfg.train.lr, batch_size=cfg.train.batch_size,
-                                 weight_decay=cfg.train.weight_decay)
-            writer.writerow({"dataset": ds.name, **{k: row[k] for k in FIELDS if k in row}})
-            f.flush()
+        if cfg.workers > 1:
+            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init, initargs=(cfg.workers,))
+            rows = pool.imap_unordered(_run_cell, jobs)
+        else:
+            pool, rows = None, map(_run_cell, jobs)
+        try:
+            for ds_name, row in tqdm(rows, total=len(jobs), desc="cells", unit="cell", dynamic_ncols=True):
+                writer.writerow({"dataset": ds_name, **{k: row[k] for k in FIELDS if k in row}})
+                f.flush()
+        finally:
+            if pool is not None:
+                pool.terminate()
     from .report import write_report
 
     write_report(read_results(results_path), out, methods, list(cfg.settings))
     return out
+
+
+_DATA_CACHE: dict = {}
+
+
+def _worker_init(workers: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _run_cell(job: tuple) -> tuple[str, dict]:
+    cfg, ds, method, setting, seed, out = job
+    if ds.kind == "trainer":
+        return ds.name, trainer_cell(ds, method, setting, seed, out)
+    if ds.name not in _DATA_CACHE:
+        _DATA_CACHE[ds.name] = _load_data(ds, out)
+    return ds.name, train_cell(_DATA_CACHE[ds.name], method, setting, seed, epochs=cfg.train.epochs,
+                               lr=cfg.train.lr, batch_size=cfg.train.batch_size,
+                               weight_decay=cfg.train.weight_decay)
 
 
 def main(argv: list[str] | None = None) -> int:
