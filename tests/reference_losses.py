@@ -153,7 +153,7 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
         alpha_beta=True, d=True, p=True, d_schedule="text", ab_scope="known",
         beta_counts_pseudo=False, pseudo_scale=1.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
-        unknown_clip=0.0, reject=0.0):
+        unknown_clip=0.0, reject=0.0, reduction="parts"):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -185,10 +185,14 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         S = [j for j in range(C) if sampled[i][j] and not known[i][j]]
         U = [unknown_terms(xs[j], pseudo[i][j]) if (i, j) not in rejected else (0.0, 0.0) for j in S]
         pi = 2.0 if (p and all(sig(x) < 0.1 for x in xs)) else 1.0
-        pk = sum(float(targets[i][j]) * ls(xs[j]) for j in E) / len(E) if E else 0.0
-        nk = sum((1 - float(targets[i][j])) * ls(-xs[j]) for j in E) / len(E) if E else 0.0
-        pu = dv * sum(u[0] for u in U) / len(S) if S else 0.0
-        nu = dv * sum(u[1] for u in U) / len(S) if S else 0.0
+        # "parts": the two means of eq. 12; "entries": one mean over the C entries, the
+        # sampled sum standing for all C - |E| unknown entries.
+        known_div = (len(E) or 1) if reduction == "parts" else C
+        unk_div = (len(S) or 1) if reduction == "parts" else (len(S) or 1) * C / (C - len(E))
+        pk = sum(float(targets[i][j]) * ls(xs[j]) for j in E) / known_div
+        nk = sum((1 - float(targets[i][j])) * ls(-xs[j]) for j in E) / known_div
+        pu = dv * sum(u[0] for u in U) / unk_div if S else 0.0
+        nu = dv * sum(u[1] for u in U) / unk_div if S else 0.0
         if ab_scope == "all":
             total += -pi * (alpha * (pk + pu) + beta * (nk + nu))
         else:

@@ -180,12 +180,13 @@ def test_pml_ablation_switches_reduce_to_simpler_losses():
 
 
 UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma_neg": 2.0,
-                   "unknown_clip": 0.05, "reject": 0.1}
+                   "unknown_clip": 0.05, "reject": 0.1, "reduction": "entries"}
 
 
 @pytest.mark.parametrize("options", [{"pseudo_scale": 0.0}, {"pseudo_scale": 0.4},
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
-                                     {"unknown_gamma_pos": 1.0}, {"reject": 0.05}, UNKNOWN_OPTIONS],
+                                     {"unknown_gamma_pos": 1.0}, {"reject": 0.05}, {"reduction": "entries"},
+                                     UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pml_unknown_part_options_match_the_reference(options, dtype):
@@ -254,3 +255,11 @@ def test_role_estimator_refuses_what_does_not_fit():
     small = LabelEstimator(np.array([[1, 0, -1]], dtype=np.int8))
     probs = torch.sigmoid(small(torch.tensor([0])))[0]
     assert probs[0] > 0.99 and probs[1] < 0.01 and 0.4 <= probs[2] <= 0.6
+
+
+def test_pml_entries_reduction_with_everything_off_is_an():
+    """reduction="entries", unknown targets 0, no alpha/beta, d, p, all of U: exactly AN."""
+    logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
+    off = dict(reduction="entries", pseudo_scale=0.0, alpha_beta=False, d=False, p=False, q=1.0)
+    got = get_loss("pml", **off)(logits, targets, known, pseudo=pseudo)
+    torch.testing.assert_close(got, get_loss("an")(logits, targets, known), rtol=1e-5, atol=1e-6)

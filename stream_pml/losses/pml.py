@@ -12,6 +12,7 @@ from .common import all_reduce_sum, log_probs, sample_unknown
 
 D_SCHEDULES = ("text", "printed")
 AB_SCOPES = ("known", "all")
+REDUCTIONS = ("parts", "entries")
 
 
 def d_weight(epoch: int, num_epochs: int, m: float = 3.0, schedule: str = "text") -> float:
@@ -47,6 +48,12 @@ class PmlOptions:
       t (1-s(x))^{g+} log s(x) + (1-t) s_m^{g-} log(1-s_m), s_m = max(s(x) - clip, 0).
     - ``reject``: large-loss rejection (LL-R, Kim et al. 2022) on the unknown part: in
       epoch e the ceil(reject (e - 1) |S|) sampled entries of the largest loss are left out.
+    - ``reduction``: "parts" (the paper) averages the known part over E_i and the unknown
+      part over S_i separately, so an unknown entry weighs |E_i| / |S_i| times a known one:
+      under PAL hidden positives, scored as unknowns, then outweigh the observed positives
+      of their class (measured: mAP collapses with pseudo_scale 0). "entries" averages over
+      all C entries of the image, the sampled sum scaled by |U_i| / |S_i| (an unbiased
+      estimate of the sum over U_i): every entry weighs the same, as in AN.
     """
 
     epoch: int = 1
@@ -65,6 +72,7 @@ class PmlOptions:
     unknown_gamma_neg: float = 0.0
     unknown_clip: float = 0.0
     reject: float = 0.0
+    reduction: str = "parts"
 
     def __post_init__(self) -> None:
         if self.ab_scope not in AB_SCOPES:
@@ -74,6 +82,8 @@ class PmlOptions:
         for name in ("pseudo_scale", "unknown_clip", "reject"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: {self.reduction!r} is not one of {REDUCTIONS}")
         if self.unknown_gamma_pos < 0 or self.unknown_gamma_neg < 0:
             raise ValueError("unknown_gamma_pos and unknown_gamma_neg must be >= 0")
 
@@ -215,9 +225,16 @@ def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> t
         # Every sigmoid(x_ij) < 0.1  <=>  max_j x_ij < logit(0.1): one reduction, no exp.
         all_low = x.max(dim=1).values < math.log(0.1 / 0.9)
         p_B = torch.where(all_low & o.p, 2.0, 1.0).to(x.dtype)
-    ne, ns = t.num_known.clamp(min=1.0), t.num_sampled.clamp(min=1.0)
-    pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
-    pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
+    ns = t.num_sampled.clamp(min=1.0)
+    if o.reduction == "parts":
+        ne = t.num_known.clamp(min=1.0)
+        pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
+        pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
+    else:
+        num_classes = x.shape[1]
+        pos_known, neg_known = t.pos_known / num_classes, t.neg_known / num_classes
+        unk_scale = d_val * (num_classes - t.num_known) / (ns * num_classes)
+        pos_unk, neg_unk = unk_scale * t.pos_unk, unk_scale * t.neg_unk
     if o.ab_scope == "all":
         per_image = alpha * (pos_known + pos_unk) + beta * (neg_known + neg_unk)
     else:
