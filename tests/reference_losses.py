@@ -157,6 +157,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
+    observed_pos = P
     T = sum(1 for i in range(B) for j in range(C) if known[i][j] or sampled[i][j])
     if beta_counts_pseudo:
         P += sum(float(pseudo[i][j]) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j])
@@ -168,6 +169,9 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         dv = math.exp((epoch + m - num_epochs) / num_epochs)
     else:
         dv = math.exp((epoch + m) / num_epochs)
+    if pseudo_scale == "auto":  # observed positives / observed entries of the batch
+        pseudo_scale = observed_pos / max(1, sum(1 for i in range(B) for j in range(C) if known[i][j]))
+
     def unknown_terms(x, yt):  # (positive, negative) term of one sampled unknown entry
         t, s = pseudo_scale * float(yt), sig(x)
         s_m = max(s - unknown_clip, 0.0)

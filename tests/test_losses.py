@@ -186,6 +186,7 @@ UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma
 @pytest.mark.parametrize("options", [{"pseudo_scale": 0.0}, {"pseudo_scale": 0.4},
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
                                      {"unknown_gamma_pos": 1.0}, {"reject": 0.05}, {"reduction": "entries"},
+                                     {"pseudo_scale": "auto"},
                                      UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -263,3 +264,15 @@ def test_pml_entries_reduction_with_everything_off_is_an():
     off = dict(reduction="entries", pseudo_scale=0.0, alpha_beta=False, d=False, p=False, q=1.0)
     got = get_loss("pml", **off)(logits, targets, known, pseudo=pseudo)
     torch.testing.assert_close(got, get_loss("an")(logits, targets, known), rtol=1e-5, atol=1e-6)
+
+
+def test_pml_auto_pseudo_scale_is_the_observed_positive_share():
+    logits, targets, known, pseudo, _ = make_batch("random", 7, B=8, C=10)
+    stats: dict = {}
+    get_loss("pml", pseudo_scale="auto")(logits, targets, known, pseudo=pseudo, stats=stats)
+    assert stats["pseudo_scale"] == pytest.approx(float((targets * known).sum() / known.sum()))
+    only_pos = known & (targets == 1)  # PPL / SPL: no observed negative, pseudo labels used whole
+    get_loss("pml", pseudo_scale="auto")(logits, targets, only_pos, pseudo=pseudo, stats=stats)
+    assert stats["pseudo_scale"] == 1.0
+    with pytest.raises(ValueError, match="neither a number nor 'auto'"):
+        get_loss("pml", pseudo_scale="half")

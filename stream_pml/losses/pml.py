@@ -42,7 +42,12 @@ class PmlOptions:
     - ``pseudo_scale`` s: the unknown entries' target is s * ytilde. s = 1 is the paper;
       s < 1 shrinks every pseudo label toward the negative that most unknowns are (an
       unknown entry of a 600-class image is almost always a negative); s = 0 makes the
-      unknown part AN's "assume negative" on the sampled entries.
+      unknown part AN's "assume negative" on the sampled entries. "auto": s = the share of
+      positives among the batch's observed entries. Where negatives are observed (PAL, Open
+      Images' verified labels) entries went missing regardless of their value, so the
+      observed share estimates how often an unknown is positive (~0.015 on bibtex PAL: the
+      unknowns are near-negatives); where only positives were annotated (PPL, SPL) it is 1
+      and the pseudo labels, the only evidence on the unknowns, are used whole.
     - ``unknown_gamma_pos``, ``unknown_gamma_neg``, ``unknown_clip``: ASL's asymmetric
       focusing and probability clipping (Ridnik et al. 2021) on the unknown part:
       t (1-s(x))^{g+} log s(x) + (1-t) s_m^{g-} log(1-s_m), s_m = max(s(x) - clip, 0).
@@ -67,7 +72,7 @@ class PmlOptions:
     d_schedule: str = "text"
     ab_scope: str = "known"
     beta_counts_pseudo: bool = False
-    pseudo_scale: float = 1.0
+    pseudo_scale: float | str = 1.0
     unknown_gamma_pos: float = 0.0
     unknown_gamma_neg: float = 0.0
     unknown_clip: float = 0.0
@@ -79,7 +84,10 @@ class PmlOptions:
             raise ValueError(f"ab_scope: {self.ab_scope!r} is not one of {AB_SCOPES}")
         if self.d_schedule not in D_SCHEDULES:
             raise ValueError(f"d_schedule: {self.d_schedule!r} is not one of {D_SCHEDULES}")
-        for name in ("pseudo_scale", "unknown_clip", "reject"):
+        if isinstance(self.pseudo_scale, str) and self.pseudo_scale != "auto":
+            raise ValueError(f"pseudo_scale: {self.pseudo_scale!r} is neither a number nor 'auto'")
+        ranged = ("unknown_clip", "reject") + (() if self.pseudo_scale == "auto" else ("pseudo_scale",))
+        for name in ranged:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.reduction not in REDUCTIONS:
@@ -169,7 +177,13 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     x_E = x[rows_E, cols_E]
     yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None  # targets: never a gradient path
             else pseudo_BC.detach().float()[rows_E, cols_E])
-    pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, opts)
+    if opts.pseudo_scale == "auto":
+        scale = float(known_terms["num_pos"] / known_terms["num_known"].sum().clamp(min=1.0))
+        if stats is not None:
+            stats["pseudo_scale"] = scale
+    else:
+        scale = float(opts.pseudo_scale)
+    pos_E, neg_E = _unknown_entry_terms(x_E, scale * yt_E, opts)
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
@@ -177,10 +191,9 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     return _combine(terms, x, opts, stats)
 
 
-def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sampled unknown entry: t log s(x) and (1 - t) log(1 - s(x)), t = pseudo_scale
-    ytilde, with ASL focusing / clipping and LL-R rejection when those options are on."""
-    t_E = o.pseudo_scale * yt_E
+def _unknown_entry_terms(x_E: torch.Tensor, t_E: torch.Tensor, o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sampled unknown entry: t log s(x) and (1 - t) log(1 - s(x)) for targets t,
+    with ASL focusing / clipping and LL-R rejection when those options are on."""
     logp_E, logn_E = F.logsigmoid(x_E), F.logsigmoid(-x_E)
     if o.unknown_clip > 0:
         one_minus_pm = (logn_E.exp() + o.unknown_clip).clamp(max=1.0)
