@@ -151,9 +151,9 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 
 
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
-        alpha_beta=True, d=True, p=True, d_schedule="text", ab_scope="known",
-        beta_counts_pseudo=False, pseudo_scale=1.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
-        unknown_clip=0.0, reject=0.0, reduction="parts"):
+        alpha_beta=False, d=False, p=False, d_schedule="text", ab_scope="known",
+        beta_counts_pseudo=False, pseudo_scale="auto", unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
+        unknown_clip=0.0, reject=0.002, reduction="entries", q=None):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -180,7 +180,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
 
     entries = [(i, j) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j]]
     losses = {e: -sum(unknown_terms(float(logits[e[0]][e[1]]), pseudo[e[0]][e[1]])) for e in entries}
-    num_rejected = math.ceil(reject * (epoch - 1) * len(entries))
+    num_rejected = math.ceil(reject * (epoch - 1) * (1 - pseudo_scale) * len(entries) - 1e-9)
     rejected = set(sorted(entries, key=lambda e: -losses[e])[:num_rejected])
     total = 0.0
     for i in range(B):
@@ -192,7 +192,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         # "parts": the two means of eq. 12; "entries": one mean over the C entries, the
         # sampled sum standing for all C - |E| unknown entries.
         known_div = (len(E) or 1) if reduction == "parts" else C
-        unk_div = (len(S) or 1) if reduction == "parts" else (len(S) or 1) * C / (C - len(E))
+        unk_div = (len(S) or 1) if reduction == "parts" or not S else len(S) * C / (C - len(E))
         pk = sum(float(targets[i][j]) * ls(xs[j]) for j in E) / known_div
         nk = sum((1 - float(targets[i][j])) * ls(-xs[j]) for j in E) / known_div
         pu = dv * sum(u[0] for u in U) / unk_div if S else 0.0

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stream_pml.losses import get_loss
+from stream_pml.losses.pml import PAPER_OPTIONS
 
 
 def _batches():
@@ -26,7 +27,7 @@ def _worker(rank: int, port: int, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     logits, targets, known = _batches()
     stats: dict = {}
-    get_loss("pml", q=1.0)(logits[rank], targets[rank], known[rank], stats=stats)
+    get_loss("pml", **{**PAPER_OPTIONS, "q": 1.0})(logits[rank], targets[rank], known[rank], stats=stats)
     out[rank] = stats["beta"]
     dist.destroy_process_group()
 
@@ -47,5 +48,5 @@ def test_beta_is_computed_from_all_ranks():
     assert out[0] == out[1] == pytest.approx(max(P / T, 0.05))
     # A single rank alone would have computed something else.
     alone: dict = {}
-    get_loss("pml", q=1.0)(logits[1], targets[1], known[1], stats=alone)
+    get_loss("pml", **{**PAPER_OPTIONS, "q": 1.0})(logits[1], targets[1], known[1], stats=alone)
     assert alone["beta"] != pytest.approx(out[0])

@@ -73,7 +73,7 @@ datasets:
     path: {digits_shards}
     overrides: [data.image_size=32, data.batch_size=8, data.num_threads=1, model.arch=mobilenet_v3_small,
                 train.epochs=1, optim.lr=1e-3]
-methods: [pml-q1]
+methods: [pml-paper-q1]
 settings: [spl]
 seeds: [0]
 ablation: false
@@ -82,8 +82,8 @@ out_dir: {tmp_path / 'out'}
     assert main(["--grid", str(f)]) == 0
     with open(tmp_path / "out" / "results.csv") as fh:
         (row,) = list(csv.DictReader(fh))
-    assert row["method"] == "pml-q1" and 0 < float(row["test_map"]) <= 1
-    cfg = (tmp_path / "out" / "runs" / "digits-pml-q1-spl-s0" / "config.yaml").read_text()
+    assert row["method"] == "pml-paper-q1" and 0 < float(row["test_map"]) <= 1
+    cfg = (tmp_path / "out" / "runs" / "digits-pml-paper-q1-spl-s0" / "config.yaml").read_text()
     assert "q: 1.0" in cfg and "label_setting: spl" in cfg
 
 

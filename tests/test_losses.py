@@ -9,7 +9,7 @@ import torch
 
 from stream_pml.losses import LOSSES, get_loss
 from stream_pml.losses.common import sample_unknown
-from stream_pml.losses.pml import pml_loss, pml_loss_sparse
+from stream_pml.losses.pml import PAPER_OPTIONS, pml_loss, pml_loss_sparse
 
 from . import reference_losses as ref
 
@@ -138,7 +138,8 @@ def test_pml_sparse_equals_dense(kind):
     logits, targets, known, pseudo, _ = make_batch(kind, 3, B=9, C=11)
     pos = _padded_ids(known & (targets == 1))
     neg = _padded_ids(known & (targets == 0))
-    for hp in ({}, {"ab_scope": "all", "beta_counts_pseudo": True}, {"q": 1.0, "p": False}, UNKNOWN_OPTIONS):
+    for hp in ({}, PAPER_OPTIONS, {**PAPER_OPTIONS, "ab_scope": "all", "beta_counts_pseudo": True},
+               {**PAPER_OPTIONS, "q": 1.0, "p": False}, {**UNKNOWN_OPTIONS, "q": 0.5}):
         s_dense, s_sparse = {}, {}
         dense = pml_loss(logits, targets, known, pseudo_BC=pseudo, epoch=2, num_epochs=4,
                          generator=torch.Generator().manual_seed(9), stats=s_dense, **hp)
@@ -151,7 +152,8 @@ def test_pml_sparse_equals_dense(kind):
 def test_pml_beta_keeps_positive_term_without_observed_negatives():
     logits, targets, known, pseudo, _ = make_batch("no_negatives", 4, B=16, C=20)
     stats: dict = {}
-    pml_loss(logits, targets, known, pseudo_BC=pseudo, generator=torch.Generator().manual_seed(0), stats=stats)
+    pml_loss(logits, targets, known, pseudo_BC=pseudo, generator=torch.Generator().manual_seed(0), stats=stats,
+             **PAPER_OPTIONS)
     assert stats["beta"] < 0.5 and stats["alpha"] > 0.5
 
 
@@ -160,8 +162,9 @@ def test_pml_ablation_switches_reduce_to_simpler_losses():
     logits = logits - 6  # most rows have every prediction < 0.1, so p matters
     everything = ~known
     kw = dict(pseudo_BC=pseudo, sampled_BC=everything, epoch=2, num_epochs=10)
+    paper = {**PAPER_OPTIONS, "q": 1.0}
     # All switches off and q = 1: plain per-image BCE on known entries + BCE to the pseudo labels.
-    off = pml_loss(logits, targets, known, alpha_beta=False, d=False, p=False, q=1.0, **kw)
+    off = pml_loss(logits, targets, known, **{**paper, "alpha_beta": False, "d": False, "p": False}, **kw)
     x = logits.double()
     lp, ln = torch.nn.functional.logsigmoid(x), torch.nn.functional.logsigmoid(-x)
     k = known.double()
@@ -172,11 +175,11 @@ def test_pml_ablation_switches_reduce_to_simpler_losses():
     # Each switch alone changes the value (so it is wired), and matches the reference.
     L, T, K = logits.double().tolist(), targets.tolist(), known.tolist()
     for switch in ("alpha_beta", "d", "p"):
-        one_off = pml_loss(logits, targets, known, q=1.0, **{switch: False}, **kw)
+        one_off = pml_loss(logits, targets, known, **{**paper, switch: False}, **kw)
         expected = ref.pml(L, T, K, pseudo.tolist(), everything.tolist(), epoch=2, num_epochs=10,
-                           **{switch: False})
+                           **{**paper, switch: False})
         assert one_off.item() == pytest.approx(expected, rel=1e-5)
-        assert one_off.item() != pytest.approx(pml_loss(logits, targets, known, q=1.0, **kw).item(), rel=1e-4)
+        assert one_off.item() != pytest.approx(pml_loss(logits, targets, known, **paper, **kw).item(), rel=1e-4)
 
 
 UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma_neg": 2.0,
@@ -185,22 +188,24 @@ UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma
 
 @pytest.mark.parametrize("options", [{"pseudo_scale": 0.0}, {"pseudo_scale": 0.4},
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
-                                     {"unknown_gamma_pos": 1.0}, {"reject": 0.05}, {"reduction": "entries"},
+                                     {"unknown_gamma_pos": 1.0}, {"reject": 0.05, "pseudo_scale": 0.2}, {"reduction": "entries"},
                                      {"pseudo_scale": "auto"},
                                      UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pml_unknown_part_options_match_the_reference(options, dtype):
+    """Each option on top of the paper's form changes the loss, and as the reference says."""
     logits, targets, known, pseudo, _ = make_batch("random", 5, B=12, C=10)
     logits = (logits * 3).to(dtype).requires_grad_(True)  # spread: clipping and focusing matter
     sampled = sample_unknown(~known, 0.7, torch.Generator().manual_seed(2))
-    got = get_loss("pml", **options)(logits, targets, known, pseudo=pseudo, epoch=3, num_epochs=6,
-                                     sampled_BC=sampled)
+    hp = {**PAPER_OPTIONS, **options}
+    got = get_loss("pml", **hp)(logits, targets, known, pseudo=pseudo, epoch=3, num_epochs=6, sampled_BC=sampled)
     expected = ref.pml(logits.detach().double().tolist(), targets.tolist(), known.tolist(), pseudo.tolist(),
-                       sampled.tolist(), epoch=3, num_epochs=6, **options)
+                       sampled.tolist(), epoch=3, num_epochs=6, **hp)
     assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    assert got.item() != pytest.approx(get_loss("pml")(logits, targets, known, pseudo=pseudo, epoch=3,
-                                                       num_epochs=6, sampled_BC=sampled).item(), rel=1e-4)
+    paper = get_loss("pml", **PAPER_OPTIONS)(logits, targets, known, pseudo=pseudo, epoch=3, num_epochs=6,
+                                             sampled_BC=sampled)
+    assert got.item() != pytest.approx(paper.item(), rel=1e-4)
     got.backward()
     assert torch.isfinite(logits.grad.float()).all()
 
@@ -215,7 +220,7 @@ def test_pml_options_are_validated_by_name_and_range():
 def test_pml_printed_forms_are_available():
     logits, targets, known, pseudo, _ = make_batch("random", 2)
     sampled = ~known
-    for hp in ({"d_schedule": "printed"}, {"ab_scope": "all"}):
+    for hp in ({**PAPER_OPTIONS, "d_schedule": "printed"}, {**PAPER_OPTIONS, "ab_scope": "all"}):
         got = get_loss("pml", **hp)(logits, targets, known, pseudo=pseudo, epoch=1, num_epochs=4,
                                     sampled_BC=sampled)
         expected = ref.pml(logits.double().tolist(), targets.tolist(), known.tolist(), pseudo.tolist(),
