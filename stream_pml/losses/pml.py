@@ -67,7 +67,7 @@ class PmlOptions:
     rule and the numbers): pseudo labels as the paper makes them (0.5, then the model's
     last prediction) with ``pseudo_scale="auto"``, ``reduction="entries"``,
     ``reject=0.002``, q = 1, and alpha/beta, d and p off: with fixed features they lost
-    validation mAP (alpha/beta: -17 to -31 points on bibtex PAL; d and p: within noise).
+    validation mAP (alpha/beta: -15 to -17 points on bibtex PAL; d and p: within 0.6).
     :data:`PAPER_OPTIONS` is the paper's loss as METHOD.md pins it down (``pml-paper`` in
     the experiment harness); add ``ab_scope="all", d_schedule="printed"`` for the
     equation as printed (``pml-printed``).
