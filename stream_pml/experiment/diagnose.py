@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .features import from_npz
-from .linear import train_cell
+from ..losses import LOSSES
+from .linear import resolve_method, train_cell
 
 CURVE_FIELDS = ["method", "setting", "epoch", "val_map", "pseudo_mean", "alpha", "beta", "p2_share"]
 BUCKETS = ("rare third", "middle third", "frequent third")
@@ -38,7 +39,10 @@ def diagnose(data_path: Path, methods: list[str], settings: list[str], seed: int
     for setting in settings:
         for method in methods:
             r = train_cell(data, method, setting, seed, epochs=epochs, detail=True)
-            curves += [{"method": method, "setting": setting, **h} for h in r["history"]]
+            uses_pseudo = LOSSES[resolve_method(method)[0]].uses_pseudo
+            curves += [{"method": method, "setting": setting,
+                        **{k: v for k, v in h.items() if uses_pseudo or k != "pseudo_mean"}}
+                       for h in r["history"]]
             row = {"method": method, "setting": setting, "test_map": r["test_map"], "best_epoch": r["best_epoch"]}
             for name, ids in zip(BUCKETS, frequency_buckets(r["class_train_freq"])):
                 row[name] = float(np.nanmean(r["class_ap"][ids]))
