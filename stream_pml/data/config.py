@@ -22,7 +22,7 @@ class DataConfig:
     eval_batch_size: int = 128
     flip: bool = True
     backend: str = "auto"
-    # Decode threads (DALI) or worker processes (torch) per training process; 0 = the cores
+    # Decode threads (DALI and torch backends) per training process; 0 = the cores
     # divided by the local processes.
     num_threads: int = 0
     # DALI's shuffle buffer (samples); shards are already shuffled at build time.
