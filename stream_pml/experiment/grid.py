@@ -11,6 +11,7 @@ import csv
 import multiprocessing as mp
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
@@ -149,8 +150,11 @@ def run_grid(cfg: GridConfig) -> Path:
         if new_file:
             writer.writeheader()
         if cfg.workers > 1:
-            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_worker_init, initargs=(cfg.workers,))
-            rows = pool.imap_unordered(_run_cell, jobs)
+            # An executor, not a Pool: a worker that cannot start or dies fails the grid
+            # (BrokenProcessPool) instead of being respawned forever.
+            pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(cfg.workers,))
+            rows = (fut.result() for fut in as_completed([pool.submit(_run_cell, job) for job in jobs]))
         else:
             pool, rows = None, map(_run_cell, jobs)
         try:
@@ -159,7 +163,7 @@ def run_grid(cfg: GridConfig) -> Path:
                 f.flush()
         finally:
             if pool is not None:
-                pool.terminate()
+                pool.shutdown(wait=True, cancel_futures=True)
     from .report import write_report
 
     write_report(read_results(results_path), out, methods, list(cfg.settings))
