@@ -91,11 +91,12 @@ def test_diagnose_writes_curves_and_ap_by_class_frequency(shared_data, tmp_path)
     from stream_pml.experiment.diagnose import frequency_buckets, main as diagnose_main
 
     out = tmp_path / "diag"
-    assert diagnose_main(["--data", str(shared_data / "features/yeast/yeast.npz"), "--methods", "pml", "an",
+    assert diagnose_main(["--data", str(shared_data / "features/yeast/yeast.npz"), "--methods", "pml-paper", "an",
                           "--settings", "spl", "--epochs", "2", "--out", str(out)]) == 0
     curves = list(csv.DictReader(open(out / "curves.csv")))
-    assert [(r["method"], r["epoch"]) for r in curves] == [("pml", "1"), ("pml", "2"), ("an", "1"), ("an", "2")]
-    pml_rows = [r for r in curves if r["method"] == "pml"]
+    assert [(r["method"], r["epoch"]) for r in curves] == [("pml-paper", "1"), ("pml-paper", "2"),
+                                                          ("an", "1"), ("an", "2")]
+    pml_rows = [r for r in curves if r["method"] == "pml-paper"]  # the form with alpha/beta on
     assert all(0 < float(r["beta"]) < 1 and float(r["alpha"]) + float(r["beta"]) == 1 for r in pml_rows)
     assert all(r["alpha"] == r["pseudo_mean"] == "" for r in curves if r["method"] == "an")  # pml's only
     assert (out / "curves.png").stat().st_size > 0 and "rare third" in (out / "ap_by_frequency.md").read_text()
