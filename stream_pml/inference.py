@@ -24,6 +24,10 @@ class LoadedModel:
     arch: str
     thresholds: np.ndarray | None  # per class, calibrated on validation (best F1)
     source: Path
+    # The run's data.eval_batch_size: scoring in the trainer's batches gives bit-identical
+    # scores, so evaluate reproduces the recorded mAP even where a barely trained model ties
+    # many scores (another batch size changes the last float bits, and with them tie order).
+    eval_batch_size: int = 64
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -54,7 +58,8 @@ def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
     model.eval().to(device or torch.device("cpu"))
     thresholds = state.get("thresholds")
     return LoadedModel(model, list(state["classes"]), int(cfg["data"]["image_size"]), cfg["model"]["arch"],
-                       None if thresholds is None else np.asarray(thresholds), source)
+                       None if thresholds is None else np.asarray(thresholds), source,
+                       int(cfg["data"].get("eval_batch_size", 64)))
 
 
 @torch.no_grad()
@@ -102,24 +107,8 @@ def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, known: np.ndar
     return out
 
 
-def training_eval_batch_size(lm: LoadedModel, default: int = 64) -> int:
-    """The run's ``data.eval_batch_size`` (its ``config.yaml`` beside or above the checkpoint).
-
-    Scoring in the batches the trainer used gives bit-identical scores, so ``evaluate``
-    reproduces the run's recorded mAP exactly even where a barely trained model ties many
-    scores (another batch size changes the last float bits, and with them tie order).
-    """
-    import yaml
-
-    for folder in list(Path(lm.source).parents)[:3]:
-        if (folder / "config.yaml").is_file():
-            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            return int(cfg.get("data", {}).get("eval_batch_size", default))
-    return default
-
-
 def evaluate(lm: LoadedModel, shards: Path, split: str, out_dir: Path) -> dict:
-    _, scores, targets, known = score_shards(lm, shards, split, training_eval_batch_size(lm))
+    _, scores, targets, known = score_shards(lm, shards, split, lm.eval_batch_size)
     detail = mean_average_precision_detail(scores, targets, known)
     result = {"split": split, "map": detail.map, "num_images": len(scores),
               "skipped_classes": detail.num_skipped, **threshold_metrics(scores, targets, known)}
