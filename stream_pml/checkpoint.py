@@ -98,11 +98,6 @@ def load_newest(run_dir: Path, rank: int) -> tuple[int, tuple[dict, dict] | None
     return -1, None
 
 
-def newest_loadable(run_dir: Path, rank: int) -> int:
-    """Index of the newest checkpoint this rank can load, or -1 (see :func:`load_newest`)."""
-    return load_newest(run_dir, rank)[0]
-
-
 def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves."""
     for old in list_checkpoints(run_dir)[:-keep]:

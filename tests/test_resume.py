@@ -134,7 +134,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits_shards, tmp
     newest = ckpts[-1]
     (newest / ckpt.MAIN_FILE).write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match=newest.name):
-        assert ckpt.newest_loadable(run, 0) == len(ckpts) - 2
+        assert ckpt.load_newest(run, 0)[0] == len(ckpts) - 2
     # The run goes back to the previous checkpoint, undoes the newest one's pseudo-label
     # writes, retrains the last steps and ends where the undamaged run ended.
     with pytest.warns(UserWarning, match=newest.name):
