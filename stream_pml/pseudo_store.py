@@ -188,10 +188,14 @@ class PseudoLabelStore:
                 self._cache.move_to_end(chunk)
                 return self._cache[chunk]
             data = self._read_chunk(chunk)
-            self._cache[chunk] = data
-            while len(self._cache) > self.cfg.cache_chunks:
-                self._cache.popitem(last=False)
+            self._remember({chunk: data})
             return data
+
+    def _remember(self, chunks: dict[int, np.ndarray]) -> None:
+        """Add decoded chunks to the read cache, oldest out first (caller holds the lock)."""
+        self._cache.update(chunks)
+        while len(self._cache) > self.cfg.cache_chunks:
+            self._cache.popitem(last=False)
 
     def read(self, rows_B: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Pseudo labels (B, C) float32 of these rows: latest update, else the store."""
@@ -283,9 +287,7 @@ class PseudoLabelStore:
         finally:
             with self._lock:
                 self._inflight.remove(layer)
-                self._cache.update(layer)  # the chunks now in the store, decoded
-                while len(self._cache) > self.cfg.cache_chunks:
-                    self._cache.popitem(last=False)
+                self._remember(layer)  # the chunks now in the store, decoded
 
     def apply_journal(self, ckpt_dir: Path, rank: int) -> bool:
         """Apply ``ckpt_dir``'s journal of ``rank`` unless marked applied; idempotent."""
@@ -301,9 +303,7 @@ class PseudoLabelStore:
             # fsynced: the chunk files written next are not either, so the undo file guards
             # against process crashes (the page cache keeps it), as they do; the journal, part
             # of the published checkpoint, is fsynced.
-            old = [self._chunk_file(c).read_bytes() if self._chunk_file(c).exists() else None
-                   for c in chunks]
-            _save_blobs(undo, chunks, old, durable=False)
+            _save_blobs(undo, chunks, [self._chunk_bytes(c) for c in chunks], durable=False)
         for c, blob in zip(chunks, blobs):
             self._replace_chunk_file(c, blob)
         marker.write_text("applied\n")
@@ -329,17 +329,22 @@ class PseudoLabelStore:
     def _chunk_file(self, chunk: int) -> Path:
         return self.path / self.array.metadata.encode_chunk_key((chunk, 0))
 
+    def _chunk_bytes(self, chunk: int) -> bytes | None:
+        """Chunk ``chunk``'s file as stored; None when it was never written (the fill value)."""
+        try:
+            return self._chunk_file(chunk).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def _read_chunk(self, chunk: int) -> np.ndarray:
         """Chunk ``chunk`` decoded, ``chunk_rows`` rows (the last chunk is padded, as in Zarr)."""
-        path = self._chunk_file(chunk)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:  # never written: the fill value, like Zarr reads it
+        blob = self._chunk_bytes(chunk)
+        if blob is None:  # read as Zarr reads a chunk never written
             return np.full((self.chunk_rows, self.num_classes), self.array.fill_value, self.array.dtype)
         try:
             return self.codec.decode(blob)
         except Exception as exc:
-            raise StoreError(f"{path}: corrupt pseudo-label chunk {chunk} ({exc})") from exc
+            raise StoreError(f"{self._chunk_file(chunk)}: corrupt pseudo-label chunk {chunk} ({exc})") from exc
 
     def _replace_chunk_file(self, chunk: int, blob: bytes | None) -> None:
         """Atomically set chunk ``chunk``'s file to ``blob`` (None: no file, the fill value)."""

@@ -44,15 +44,17 @@ def normalize(images_BCHW: torch.Tensor, channels_last: bool = False,
     mean = torch.tensor(IMAGENET_MEAN, device=images_BCHW.device).view(3, 1, 1) * 255
     scale, bias = 1.0 / std, -mean / std
     if out is None:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        if images_BCHW.device.type != "cpu":
-            return images_BCHW.to(torch.float32, memory_format=fmt).mul_(scale).add_(bias)
-        out = torch.empty(images_BCHW.shape, dtype=torch.float32).contiguous(memory_format=fmt)
-    if out.device.type != "cpu":
+        out = _float_like(images_BCHW, channels_last)
+    if out.device.type != "cpu":  # one kernel per pass over the whole batch
         return out.copy_(images_BCHW).mul_(scale).add_(bias)
     for out_CHW, image_CHW in zip(out, images_BCHW):
         out_CHW.copy_(image_CHW).mul_(scale).add_(bias)
     return out
+
+
+def _float_like(images_BCHW: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(images_BCHW.shape, dtype=torch.float32, device=images_BCHW.device, memory_format=fmt)
 
 
 class Normalizer:
@@ -73,8 +75,7 @@ class Normalizer:
         if images_BCHW.device.type != "cpu":
             return normalize(images_BCHW, self.channels_last)
         if self._out is None or self._out.shape != images_BCHW.shape:
-            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-            self._out = torch.empty(images_BCHW.shape, dtype=torch.float32).contiguous(memory_format=fmt)
+            self._out = _float_like(images_BCHW, self.channels_last)
         return normalize(images_BCHW, out=self._out)
 
 
