@@ -153,7 +153,7 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
         alpha_beta=False, d=False, p=False, d_schedule="text", ab_scope="known",
         beta_counts_pseudo=False, pseudo_scale="auto", unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
-        unknown_clip=0.0, reject=0.002, reduction="entries", q=None):
+        unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight=1.0, q=None):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -169,14 +169,17 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         dv = math.exp((epoch + m - num_epochs) / num_epochs)
     else:
         dv = math.exp((epoch + m) / num_epochs)
+    observed_share = observed_pos / max(1, sum(1 for i in range(B) for j in range(C) if known[i][j]))
     if pseudo_scale == "auto":  # observed positives / observed entries of the batch
-        pseudo_scale = observed_pos / max(1, sum(1 for i in range(B) for j in range(C) if known[i][j]))
+        pseudo_scale = observed_share
+    if unknown_weight == "auto":  # 1 where negatives are observed, WAN's 1/(C-1) where none are
+        unknown_weight = (1 - observed_share) + observed_share / (C - 1)
 
     def unknown_terms(x, yt):  # (positive, negative) term of one sampled unknown entry
         t, s = pseudo_scale * float(yt), sig(x)
         s_m = max(s - unknown_clip, 0.0)
         neg = (1 - t) * (math.log(1 - s_m) if unknown_clip > 0 else ls(-x)) * s_m ** unknown_gamma_neg
-        return t * ls(x) * (1 - s) ** unknown_gamma_pos, neg
+        return unknown_weight * t * ls(x) * (1 - s) ** unknown_gamma_pos, unknown_weight * neg
 
     entries = [(i, j) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j]]
     losses = {e: -sum(unknown_terms(float(logits[e[0]][e[1]]), pseudo[e[0]][e[1]])) for e in entries}

@@ -189,7 +189,8 @@ UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma
 @pytest.mark.parametrize("options", [{"pseudo_scale": 0.0}, {"pseudo_scale": 0.4},
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
                                      {"unknown_gamma_pos": 1.0}, {"reject": 0.05, "pseudo_scale": 0.2}, {"reduction": "entries"},
-                                     {"pseudo_scale": "auto"},
+                                     {"pseudo_scale": "auto"}, {"unknown_weight": 0.2},
+                                     {"unknown_weight": "auto", "pseudo_scale": "auto"},
                                      UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -281,3 +282,16 @@ def test_pml_auto_pseudo_scale_is_the_observed_positive_share():
     assert stats["pseudo_scale"] == 1.0
     with pytest.raises(ValueError, match="neither a number nor 'auto'"):
         get_loss("pml", pseudo_scale="half")
+
+
+def test_pml_auto_unknown_weight_is_one_with_observed_negatives_and_wan_without():
+    logits, targets, known, pseudo, _ = make_batch("random", 7, B=8, C=10)
+    stats: dict = {}
+    get_loss("pml", unknown_weight="auto")(logits, targets, known, pseudo=pseudo, stats=stats)
+    share = float((targets * known).sum() / known.sum())
+    assert stats["unknown_weight"] == pytest.approx(1 - share + share / 9)
+    only_pos = known & (targets == 1)
+    get_loss("pml", unknown_weight="auto")(logits, targets, only_pos, pseudo=pseudo, stats=stats)
+    assert stats["unknown_weight"] == pytest.approx(1 / 9)
+    with pytest.raises(ValueError, match="unknown_weight must be in"):
+        get_loss("pml", unknown_weight=1.5)

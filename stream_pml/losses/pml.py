@@ -56,6 +56,13 @@ class PmlOptions:
       hidden positive; (1 - s) is how much of the target is that assumption, so with
       pseudo labels used whole (s = 1) nothing is rejected (measured: rejecting there cost
       1.9-2.3 points of validation mAP on bibtex PPL 0.6 / SPL).
+    - ``unknown_weight`` w: every sampled unknown entry's two terms are multiplied by w.
+      "auto": w = (1 - r) + r / (C - 1), r the share of positives among the batch's observed
+      entries (the ``auto`` pseudo scale). Where negatives are observed (r small) the
+      unknowns went missing at random and weigh as much as a known entry (w ~ 1); where
+      only positives are (PPL, SPL: r = 1) nothing in the batch says how many unknowns are
+      hidden positives, and w is WAN's 1 / (C - 1) (Cole et al. 2021), so an image's whole
+      unknown part weighs about one known entry.
     - ``reduction``: "parts" (the paper) averages the known part over E_i and the unknown
       part over S_i separately, so an unknown entry weighs |E_i| / |S_i| times a known one:
       under PAL hidden positives, scored as unknowns, then outweigh the observed positives
@@ -90,15 +97,18 @@ class PmlOptions:
     unknown_clip: float = 0.0
     reject: float = 0.002
     reduction: str = "entries"
+    unknown_weight: float | str = 1.0
 
     def __post_init__(self) -> None:
         if self.ab_scope not in AB_SCOPES:
             raise ValueError(f"ab_scope: {self.ab_scope!r} is not one of {AB_SCOPES}")
         if self.d_schedule not in D_SCHEDULES:
             raise ValueError(f"d_schedule: {self.d_schedule!r} is not one of {D_SCHEDULES}")
-        if isinstance(self.pseudo_scale, str) and self.pseudo_scale != "auto":
-            raise ValueError(f"pseudo_scale: {self.pseudo_scale!r} is neither a number nor 'auto'")
-        ranged = ("unknown_clip", "reject") + (() if self.pseudo_scale == "auto" else ("pseudo_scale",))
+        for name in ("pseudo_scale", "unknown_weight"):
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "auto":
+                raise ValueError(f"{name}: {getattr(self, name)!r} is neither a number nor 'auto'")
+        ranged = ("unknown_clip", "reject") + tuple(
+            name for name in ("pseudo_scale", "unknown_weight") if getattr(self, name) != "auto")
         for name in ranged:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -194,13 +204,15 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     x_E = x[rows_E, cols_E]
     yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None  # targets: never a gradient path
             else pseudo_BC.detach().float()[rows_E, cols_E])
-    if opts.pseudo_scale == "auto":
-        scale = float(known_terms["num_pos"] / known_terms["num_known"].sum().clamp(min=1.0))
-        if stats is not None:
-            stats["pseudo_scale"] = scale
-    else:
-        scale = float(opts.pseudo_scale)
+    observed_share = float(known_terms["num_pos"] / known_terms["num_known"].sum().clamp(min=1.0))
+    scale = observed_share if opts.pseudo_scale == "auto" else float(opts.pseudo_scale)
+    weight = (float(opts.unknown_weight) if opts.unknown_weight != "auto"
+              else (1.0 - observed_share) + observed_share / max(x.shape[1] - 1, 1))
+    if stats is not None:
+        stats.update(pseudo_scale=scale, unknown_weight=weight)
     pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, scale, opts)
+    if weight != 1.0:
+        pos_E, neg_E = weight * pos_E, weight * neg_E
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
