@@ -152,8 +152,8 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
         alpha_beta=False, d=False, p=False, d_schedule="text", ab_scope="known",
-        beta_counts_pseudo=False, pseudo_scale="auto", unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
-        unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight=1.0, q=None):
+        beta_counts_pseudo=False, pseudo_scale=0.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
+        unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight="auto", q=None):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -183,7 +183,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
 
     entries = [(i, j) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j]]
     losses = {e: -sum(unknown_terms(float(logits[e[0]][e[1]]), pseudo[e[0]][e[1]])) for e in entries}
-    num_rejected = math.ceil(reject * (epoch - 1) * (1 - pseudo_scale) * len(entries) - 1e-9)
+    num_rejected = math.ceil(reject * (epoch - 1) * (1 - observed_share) * len(entries) - 1e-9)
     rejected = set(sorted(entries, key=lambda e: -losses[e])[:num_rejected])
     total = 0.0
     for i in range(B):

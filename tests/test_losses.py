@@ -267,9 +267,18 @@ def test_role_estimator_refuses_what_does_not_fit():
 def test_pml_entries_reduction_with_everything_off_is_an():
     """reduction="entries", unknown targets 0, no alpha/beta, d, p, all of U: exactly AN."""
     logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
-    off = dict(reduction="entries", pseudo_scale=0.0, alpha_beta=False, d=False, p=False, q=1.0)
+    off = dict(reduction="entries", pseudo_scale=0.0, alpha_beta=False, d=False, p=False, q=1.0,
+               unknown_weight=1.0)
     got = get_loss("pml", **off)(logits, targets, known, pseudo=pseudo)
     torch.testing.assert_close(got, get_loss("an")(logits, targets, known), rtol=1e-5, atol=1e-6)
+
+
+def test_pml_default_with_only_positives_observed_is_wan():
+    """PPL / SPL: the default's unknown part is WAN's weak negatives, and nothing is rejected."""
+    logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
+    only_pos = known & (targets == 1)
+    got = get_loss("pml")(logits, targets, only_pos, pseudo=pseudo, epoch=15, num_epochs=20)
+    torch.testing.assert_close(got, get_loss("wan")(logits, targets, only_pos), rtol=1e-5, atol=1e-6)
 
 
 def test_pml_auto_pseudo_scale_is_the_observed_positive_share():

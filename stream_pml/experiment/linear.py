@@ -23,6 +23,8 @@ VARIANTS = {
     "pml-paper-no_p": ("pml", {**PAPER_OPTIONS, "p": False}),
     "pml-paper-q1": ("pml", {**PAPER_OPTIONS, "q": 1.0}),
     "pml-printed": ("pml", {**PAPER_OPTIONS, "ab_scope": "all", "d_schedule": "printed"}),
+    # The default with the pseudo labels at the observed positive share (issue 9's study).
+    "pml-pseudo": ("pml", {"pseudo_scale": "auto"}),
 }
 
 

@@ -51,11 +51,13 @@ class PmlOptions:
       focusing and probability clipping (Ridnik et al. 2021) on the unknown part:
       t (1-s(x))^{g+} log s(x) + (1-t) s_m^{g-} log(1-s_m), s_m = max(s(x) - clip, 0).
     - ``reject``: large-loss rejection (LL-R, Kim et al. 2022) on the unknown part: in
-      epoch e the ceil(reject (e - 1) (1 - s) |S|) sampled entries of the largest loss are
-      left out. LL-R's premise is that a large loss on an entry *assumed negative* flags a
-      hidden positive; (1 - s) is how much of the target is that assumption, so with
-      pseudo labels used whole (s = 1) nothing is rejected (measured: rejecting there cost
-      1.9-2.3 points of validation mAP on bibtex PPL 0.6 / SPL).
+      epoch e the ceil(reject (e - 1) (1 - r) |S|) sampled entries of the largest loss are
+      left out, r the share of positives among the batch's observed entries. LL-R's premise
+      is that a large loss on an entry assumed negative flags a hidden positive. That holds
+      where negatives are observed (r small: the unknowns are near-negatives, and a hidden
+      positive stands out); where only positives are (r = 1) nothing is rejected (measured
+      on bibtex validation, PPL 0.6 / SPL: rejecting there cost 1.9-2.3 points with the
+      pseudo labels as targets and 2.7-3.2 with the WAN-weighted negatives).
     - ``unknown_weight`` w: every sampled unknown entry's two terms are multiplied by w.
       "auto": w = (1 - r) + r / (C - 1), r the share of positives among the batch's observed
       entries (the ``auto`` pseudo scale). Where negatives are observed (r small) the
@@ -71,13 +73,18 @@ class PmlOptions:
       estimate of the sum over U_i): every entry weighs the same, as in AN.
 
     Defaults (issue 9, chosen by validation mAP, never test; README "Results" gives the
-    rule and the numbers): pseudo labels as the paper makes them (0.5, then the model's
-    last prediction) with ``pseudo_scale="auto"``, ``reduction="entries"``,
-    ``reject=0.002``, q = 1, and alpha/beta, d and p off: with fixed features they lost
-    validation mAP (alpha/beta: -15 to -17 points on bibtex PAL; d and p: within 0.6).
-    :data:`PAPER_OPTIONS` is the paper's loss as METHOD.md pins it down (``pml-paper`` in
-    the experiment harness); add ``ab_scope="all", d_schedule="printed"`` for the
-    equation as printed (``pml-printed``).
+    rule and the numbers): ``pseudo_scale=0``, ``unknown_weight="auto"``,
+    ``reduction="entries"``, ``reject=0.002``, q = 1, and alpha/beta, d and p off. So the
+    default gives the pseudo labels no weight: with every unknown an assumed negative, at
+    full weight (plus LL-R) where negatives are observed and at WAN's weight where only
+    positives are. Measured on bibtex and corel16k validation: the pseudo labels at the
+    ``auto`` scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost
+    4.3 / 3.6 points on bibtex PPL 0.6 / SPL; alpha/beta cost 15-17 points on bibtex PAL,
+    d and p were within 0.6. The trainer still records every sample's last prediction in
+    the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
+    :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
+    METHOD.md pins it down (``pml-paper`` in the experiment harness); add
+    ``ab_scope="all", d_schedule="printed"`` for the equation as printed (``pml-printed``).
     """
 
     epoch: int = 1
@@ -91,13 +98,13 @@ class PmlOptions:
     d_schedule: str = "text"
     ab_scope: str = "known"
     beta_counts_pseudo: bool = False
-    pseudo_scale: float | str = "auto"
+    pseudo_scale: float | str = 0.0
     unknown_gamma_pos: float = 0.0
     unknown_gamma_neg: float = 0.0
     unknown_clip: float = 0.0
     reject: float = 0.002
     reduction: str = "entries"
-    unknown_weight: float | str = 1.0
+    unknown_weight: float | str = "auto"
 
     def __post_init__(self) -> None:
         if self.ab_scope not in AB_SCOPES:
@@ -120,7 +127,7 @@ class PmlOptions:
 
 # The paper's loss as METHOD.md pins it down, before issue 9 changed the defaults.
 PAPER_OPTIONS = {"q": 0.5, "alpha_beta": True, "d": True, "p": True, "pseudo_scale": 1.0, "reject": 0.0,
-                 "reduction": "parts"}
+                 "reduction": "parts", "unknown_weight": 1.0}
 
 
 def pml_loss(
@@ -210,7 +217,7 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
               else (1.0 - observed_share) + observed_share / max(x.shape[1] - 1, 1))
     if stats is not None:
         stats.update(pseudo_scale=scale, unknown_weight=weight)
-    pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, scale, opts)
+    pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, scale, observed_share, opts)
     if weight != 1.0:
         pos_E, neg_E = weight * pos_E, weight * neg_E
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
@@ -220,7 +227,8 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     return _combine(terms, x, opts, stats)
 
 
-def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, observed_share: float,
+                         o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sampled unknown entry: t log s(x) and (1 - t) log(1 - s(x)) for targets t,
     with ASL focusing / clipping and LL-R rejection when those options are on."""
     t_E = scale * yt_E
@@ -236,10 +244,12 @@ def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, o:
         pos_E = pos_E * (1 - logp_E.exp()).pow(o.unknown_gamma_pos)
     if o.unknown_gamma_neg:
         neg_E = neg_E * pm_E.pow(o.unknown_gamma_neg)
-    k = math.ceil(o.reject * (o.epoch - 1) * (1.0 - scale) * x_E.numel() - 1e-9)
+    k = math.ceil(o.reject * (o.epoch - 1) * (1.0 - observed_share) * x_E.numel() - 1e-9)
     if k > 0:
         keep = torch.ones_like(x_E, dtype=torch.bool)
-        keep[torch.topk(-(pos_E + neg_E).detach(), min(k, x_E.numel())).indices] = False
+        # A stable sort: equal losses (saturated logits, targets 0) are rejected in entry
+        # order, so which ones go is deterministic.
+        keep[torch.sort((pos_E + neg_E).detach(), stable=True).indices[:k]] = False
         pos_E, neg_E = pos_E * keep, neg_E * keep
     return pos_E, neg_E
 
