@@ -151,16 +151,23 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 
 
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
-        alpha_beta=False, d=False, p=False, d_schedule="text", ab_scope="known",
+        alpha_beta=True, d=False, p=False, d_schedule="text", ab_scope="all",
         beta_counts_pseudo=False, pseudo_scale=0.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
         unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight="auto", q=None):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
     observed_pos = P
-    T = sum(1 for i in range(B) for j in range(C) if known[i][j] or sampled[i][j])
+    observed_share = observed_pos / max(1, sum(1 for i in range(B) for j in range(C) if known[i][j]))
+    if pseudo_scale == "auto":  # observed positives / observed entries of the batch
+        pseudo_scale = observed_share
+    if unknown_weight == "auto":  # 1 where negatives are observed, WAN's 1/(C-1) where none are
+        unknown_weight = (1 - observed_share) + observed_share / (C - 1)
+    # T: known entries count 1, sampled unknown entries count their weight in the loss
+    T = sum(1 if known[i][j] else unknown_weight for i in range(B) for j in range(C) if known[i][j] or sampled[i][j])
     if beta_counts_pseudo:
-        P += sum(float(pseudo[i][j]) for i in range(B) for j in range(C) if sampled[i][j] and not known[i][j])
+        P += unknown_weight * sum(float(pseudo[i][j]) for i in range(B) for j in range(C)
+                                  if sampled[i][j] and not known[i][j])
     beta = max(P / T, gamma) if alpha_beta else 1.0
     alpha = 1 - beta if alpha_beta else 1.0
     if not d:
@@ -169,11 +176,6 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         dv = math.exp((epoch + m - num_epochs) / num_epochs)
     else:
         dv = math.exp((epoch + m) / num_epochs)
-    observed_share = observed_pos / max(1, sum(1 for i in range(B) for j in range(C) if known[i][j]))
-    if pseudo_scale == "auto":  # observed positives / observed entries of the batch
-        pseudo_scale = observed_share
-    if unknown_weight == "auto":  # 1 where negatives are observed, WAN's 1/(C-1) where none are
-        unknown_weight = (1 - observed_share) + observed_share / (C - 1)
 
     def unknown_terms(x, yt):  # (positive, negative) term of one sampled unknown entry
         t, s = pseudo_scale * float(yt), sig(x)

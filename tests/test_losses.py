@@ -273,12 +273,18 @@ def test_pml_entries_reduction_with_everything_off_is_an():
     torch.testing.assert_close(got, get_loss("an")(logits, targets, known), rtol=1e-5, atol=1e-6)
 
 
-def test_pml_default_with_only_positives_observed_is_wan():
-    """PPL / SPL: the default's unknown part is WAN's weak negatives, and nothing is rejected."""
+def test_pml_default_with_only_positives_observed_is_wan_balanced_by_weighted_counts():
+    """PPL / SPL: the default's unknown part is WAN's weak negatives, nothing is rejected, and
+    beta counts an unknown entry as the 1/(C-1) of an entry it weighs."""
     logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
     only_pos = known & (targets == 1)
-    got = get_loss("pml")(logits, targets, only_pos, pseudo=pseudo, epoch=15, num_epochs=20)
+    kw = dict(pseudo=pseudo, epoch=15, num_epochs=20)
+    got = get_loss("pml", alpha_beta=False)(logits, targets, only_pos, **kw)
     torch.testing.assert_close(got, get_loss("wan")(logits, targets, only_pos), rtol=1e-5, atol=1e-6)
+    stats: dict = {}
+    get_loss("pml")(logits, targets, only_pos, stats=stats, **kw)
+    num_pos, num_unknown = float(only_pos.sum()), float((~only_pos).sum())
+    assert stats["beta"] == pytest.approx(max(num_pos / (num_pos + num_unknown / 11), 0.05))
 
 
 def test_pml_auto_pseudo_scale_is_the_observed_positive_share():

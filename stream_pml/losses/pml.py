@@ -35,8 +35,9 @@ class PmlOptions:
     The paper's parts (METHOD.md): ``gamma`` (floor of beta), ``m`` (of the d schedule),
     ``q`` (share of unknown entries sampled per step), the ablation switches ``alpha_beta``,
     ``d``, ``p``, the readings ``d_schedule`` ("text" ours, "printed") and ``ab_scope``
-    ("known" ours, "all" = the printed eq. 11, which diverges under PAL), and
-    ``beta_counts_pseudo``. Options of ours for the unknown (pseudo-labelled) part:
+    ("known": alpha/beta weight the known part only, the stabilised form of METHOD.md;
+    "all" = the printed eq. 11, alpha/beta over the unknown part too, which drives pseudo
+    labels to 1 under PAL when they are targets, s > 0), and ``beta_counts_pseudo``. Options of ours for the unknown (pseudo-labelled) part:
 
     - ``pseudo_scale`` s: the unknown entries' target is s * ytilde. s = 1 is the paper;
       s < 1 shrinks every pseudo label toward the negative that most unknowns are (an
@@ -73,14 +74,16 @@ class PmlOptions:
       estimate of the sum over U_i): every entry weighs the same, as in AN.
 
     Defaults (issue 9, chosen by validation mAP, never test; README "Results" gives the
-    rule and the numbers): ``pseudo_scale=0``, ``unknown_weight="auto"``,
-    ``reduction="entries"``, ``reject=0.002``, q = 1, and alpha/beta, d and p off. So the
-    default gives the pseudo labels no weight: with every unknown an assumed negative, at
-    full weight (plus LL-R) where negatives are observed and at WAN's weight where only
-    positives are. Measured on bibtex and corel16k validation: the pseudo labels at the
-    ``auto`` scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost
-    4.3 / 3.6 points on bibtex PPL 0.6 / SPL; alpha/beta cost 15-17 points on bibtex PAL,
-    d and p were within 0.6. The trainer still records every sample's last prediction in
+    rule and the numbers): ``pseudo_scale=0``, ``unknown_weight="auto"``, alpha/beta on
+    with ``ab_scope="all"``, ``reduction="entries"``, ``reject=0.002``, q = 1, d and p off.
+    So every unknown is an assumed negative, weighted 1 (with LL-R) where negatives are
+    observed and 1/(C-1) where only positives are, and alpha/beta balance the batch's
+    positive and negative mass (beta counts each entry by its weight). The pseudo labels
+    get no weight: on bibtex and corel16k validation, the pseudo labels at the ``auto``
+    scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost 4.3 / 3.6
+    points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
+    PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
+    The trainer still records every sample's last prediction in
     the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
@@ -92,11 +95,11 @@ class PmlOptions:
     gamma: float = 0.05
     m: float = 3.0
     q: float = 1.0
-    alpha_beta: bool = False
+    alpha_beta: bool = True
     d: bool = False
     p: bool = False
     d_schedule: str = "text"
-    ab_scope: str = "known"
+    ab_scope: str = "all"
     beta_counts_pseudo: bool = False
     pseudo_scale: float | str = 0.0
     unknown_gamma_pos: float = 0.0
@@ -127,7 +130,7 @@ class PmlOptions:
 
 # The paper's loss as METHOD.md pins it down, before issue 9 changed the defaults.
 PAPER_OPTIONS = {"q": 0.5, "alpha_beta": True, "d": True, "p": True, "pseudo_scale": 1.0, "reject": 0.0,
-                 "reduction": "parts", "unknown_weight": 1.0}
+                 "reduction": "parts", "unknown_weight": 1.0, "ab_scope": "known"}
 
 
 def pml_loss(
@@ -148,13 +151,14 @@ def pml_loss(
 
         pos_i = (1/|E_i|) sum_E y log s(x)      + (d/|S_i|) sum_S ytilde log s(x)
         neg_i = (1/|E_i|) sum_E (1-y) log(1-s(x)) + (d/|S_i|) sum_S (1-ytilde) log(1-s(x))
-        ab_scope="all"   (printed eq.):  L_i = -p_i (alpha pos_i + beta neg_i)
-        ab_scope="known" (our default):  alpha/beta weight only the known part, the pseudo
-                                          part is weighted by d alone
+        ab_scope="all"   (printed eq., our default):  L_i = -p_i (alpha pos_i + beta neg_i)
+        ab_scope="known" (METHOD.md's stabilised form): alpha/beta weight only the known
+                          part, the pseudo part is weighted by d alone
 
     beta = max(P/T, gamma), alpha = 1 - beta, with P = observed positives in the batch (plus
     the pseudo-label mass of S when ``beta_counts_pseudo``) and T = entries entering the loss
-    (sum |E_i| + |S_i|), summed over DDP ranks. p_i = 2 if every sigmoid(x_ij) < 0.1 else 1.
+    (sum |E_i| + w sum |S_i|, w the ``unknown_weight``), summed over DDP ranks.
+    p_i = 2 if every sigmoid(x_ij) < 0.1 else 1.
     Switches ``alpha_beta``, ``d``, ``p`` off set those factors to 1; ``q=1`` keeps all of U_i.
     ``options`` are the fields of :class:`PmlOptions`, which also lists our options for the
     unknown part. Reduction: mean over the images of the batch. Empty E_i or S_i contribute 0.
@@ -223,7 +227,8 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
-                   num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum())
+                   num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum(),
+                   unknown_weight=weight)
     return _combine(terms, x, opts, stats)
 
 
@@ -266,12 +271,16 @@ class _Terms:
     neg_unk: torch.Tensor
     num_sampled: torch.Tensor
     pseudo_mass: torch.Tensor
+    unknown_weight: float
 
 
 def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> torch.Tensor:
     with torch.no_grad():
-        num_pos = t.num_pos + (t.pseudo_mass if o.beta_counts_pseudo else 0.0)
-        num_pos, num_entries = all_reduce_sum(num_pos, t.num_known.sum() + t.num_sampled.sum())
+        # Batch statistics count each entry by its weight in the loss: an unknown entry at
+        # WAN's weight is 1/(C-1) of an entry, so beta balances the same mass it weighs.
+        w = t.unknown_weight
+        num_pos = t.num_pos + (w * t.pseudo_mass if o.beta_counts_pseudo else 0.0)
+        num_pos, num_entries = all_reduce_sum(num_pos, t.num_known.sum() + w * t.num_sampled.sum())
         beta = max(float(num_pos / num_entries.clamp(min=1.0)), o.gamma) if o.alpha_beta else 1.0
         alpha = 1.0 - beta if o.alpha_beta else 1.0
         d_val = d_weight(o.epoch, o.num_epochs, o.m, o.d_schedule) if o.d else 1.0
