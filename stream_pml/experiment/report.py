@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .linear import VARIANTS, parse_setting
+from .linear import parse_setting
 
 # The research's ResNet-50 448 numbers (METHOD.md), shown only beside full COCO results.
 PAPER = {"coco": {"fal": 81.1, "pal0.3": 65.6, "pal0.6": 76.3, "pal0.9": 81.0, "ppl0.3": 73.1,
@@ -45,8 +45,8 @@ def render_table(stats: dict, dataset: str, methods: list[str], settings: list[s
 def write_report(rows: list[dict], out: Path, methods: list[str], settings: list[str]) -> None:
     stats = cell_stats(rows)
     datasets = sorted({r["dataset"] for r in rows})
-    # The paper's forms stand beside the default; the ablation switches parts of pml-paper off.
-    main_methods = [m for m in methods if m not in VARIANTS or m in ("pml-paper", "pml-printed")]
+    # Named variants stand beside the default; the ablation switches parts of pml-paper off.
+    main_methods = [m for m in methods if not m.startswith("pml-paper-")]
     ablation = [m for m in methods if m.startswith("pml-paper")]
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"Test mAP (%) at the epoch with the best validation mAP, mean +/- std over seeds "
