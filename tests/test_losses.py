@@ -278,7 +278,7 @@ def test_pml_default_with_only_positives_observed_is_wan_balanced_by_weighted_co
     beta counts an unknown entry as the 1/(C-1) of an entry it weighs."""
     logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
     only_pos = known & (targets == 1)
-    kw = dict(pseudo=pseudo, epoch=15, num_epochs=20)
+    kw = {"pseudo": pseudo, "epoch": 15, "num_epochs": 20}
     got = get_loss("pml", alpha_beta=False)(logits, targets, only_pos, **kw)
     torch.testing.assert_close(got, get_loss("wan")(logits, targets, only_pos), rtol=1e-5, atol=1e-6)
     stats: dict = {}
