@@ -37,7 +37,8 @@ class PmlOptions:
     ``d``, ``p``, the readings ``d_schedule`` ("text" ours, "printed") and ``ab_scope``
     ("known": alpha/beta weight the known part only, the stabilised form of METHOD.md;
     "all" = the printed eq. 11, alpha/beta over the unknown part too, which drives pseudo
-    labels to 1 under PAL when they are targets, s > 0), and ``beta_counts_pseudo``. Options of ours for the unknown (pseudo-labelled) part:
+    labels to 1 under PAL when they are targets, s > 0), and ``beta_counts_pseudo``.
+    Options of ours for the unknown (pseudo-labelled) part:
 
     - ``pseudo_scale`` s: the unknown entries' target is s * ytilde. s = 1 is the paper;
       s < 1 shrinks every pseudo label toward the negative that most unknowns are (an
@@ -83,8 +84,9 @@ class PmlOptions:
     scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost 4.3 / 3.6
     points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
     PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
-    The trainer still records every sample's last prediction in
-    the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
+    End to end (the digits demo model from scratch) alpha/beta lost validation mAP instead:
+    README "Results". The trainer still records every sample's last prediction in the
+    pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
     ``ab_scope="all", d_schedule="printed"`` for the equation as printed (``pml-printed``).
