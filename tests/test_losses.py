@@ -190,7 +190,7 @@ UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
                                      {"unknown_gamma_pos": 1.0}, {"reject": 0.05, "pseudo_scale": 0.2}, {"reduction": "entries"},
                                      {"pseudo_scale": "auto"}, {"unknown_weight": 0.2},
-                                     {"unknown_weight": "auto", "pseudo_scale": "auto"},
+                                     {"unknown_weight": "auto", "pseudo_scale": "auto"}, {"ab_normalize": True},
                                      UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
