@@ -92,8 +92,8 @@ class PmlOptions:
     points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
     PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
     End to end (the digits demo model from scratch) alpha/beta lost validation mAP instead,
-    through the weight decay (see ``ab_normalize``; README "Results"). The trainer still records every sample's last prediction in the
-    pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
+    through the weight decay (see ``ab_normalize``; README "Results"). The trainer still
+    records every sample's last prediction in the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
     ``ab_scope="all", d_schedule="printed"`` for the equation as printed (``pml-printed``).
@@ -232,8 +232,6 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     if stats is not None:
         stats.update(pseudo_scale=scale, unknown_weight=weight)
     pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, scale, observed_share, opts)
-    if weight != 1.0:
-        pos_E, neg_E = weight * pos_E, weight * neg_E
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
@@ -271,7 +269,8 @@ def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, ob
 
 @dataclass
 class _Terms:
-    """Per-image sums (B,) of the four parts of eq. 12 and the batch counts for beta."""
+    """Per-image sums (B,) of the four parts of eq. 12 (unknown parts unweighted), the batch
+    counts for beta, and the unknown entries' weight."""
 
     pos_known: torch.Tensor
     neg_known: torch.Tensor
@@ -302,14 +301,15 @@ def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> t
         all_low = x.max(dim=1).values < math.log(0.1 / 0.9)
         p_B = torch.where(all_low & o.p, 2.0, 1.0).to(x.dtype)
     ns = t.num_sampled.clamp(min=1.0)
+    unk_weight = d_val * t.unknown_weight  # both scale the whole unknown part
     if o.reduction == "parts":
         ne = t.num_known.clamp(min=1.0)
         pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
-        pos_unk, neg_unk = d_val * t.pos_unk / ns, d_val * t.neg_unk / ns
+        pos_unk, neg_unk = unk_weight * t.pos_unk / ns, unk_weight * t.neg_unk / ns
     else:
         num_classes = x.shape[1]
         pos_known, neg_known = t.pos_known / num_classes, t.neg_known / num_classes
-        unk_scale = d_val * (num_classes - t.num_known) / (ns * num_classes)
+        unk_scale = unk_weight * (num_classes - t.num_known) / (ns * num_classes)
         pos_unk, neg_unk = unk_scale * t.pos_unk, unk_scale * t.neg_unk
     if o.ab_scope == "all":
         per_image = alpha * (pos_known + pos_unk) + beta * (neg_known + neg_unk)
