@@ -1,8 +1,10 @@
 """Checkpoint directories in ``<run_dir>/checkpoints``, published atomically.
 
-A checkpoint is a directory ``ckpt-eEEEE-sSSSSSSSSS`` holding ``trainer.pt`` (rank 0: model,
-optimizer, scheduler, counters, config), ``rank{r}.pt`` (each rank: data position with
-DALI's pipeline checkpoint, RNG states) and each rank's pseudo-label journal. It is written
+A checkpoint is a directory ``ckpt-eEEEE-sSSSSSSSSS`` holding ``trainer.pt`` (rank 0: the
+states every rank shares, by key: run identity with the config, model, optimizer, scheduler,
+estimator, progress), ``rank{r}.pt`` (each rank: stream position with the loader's own
+checkpoint, random states) and each rank's pseudo-label journal; what goes in is registered
+with :class:`~stream_pml.coordinator.Coordinator`. It is written
 under a ``.tmp`` name, every file fsynced, then renamed: a crash leaves either the whole
 checkpoint or a ``.tmp`` leftover that is ignored (and removed by the next save).
 """
@@ -39,6 +41,13 @@ def save_file(path: Path, obj: object) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_best(run_dir: Path, state: dict) -> None:
+    """``best.pt`` replaced whole: a crash leaves the previous best, never a partial file."""
+    tmp = Path(run_dir) / "best.pt.tmp"
+    save_file(tmp, state)
+    tmp.replace(Path(run_dir) / "best.pt")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -50,6 +50,8 @@ def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
 
     source = resolve_checkpoint(path)
     state = torch.load(source, map_location="cpu", weights_only=False)
+    if "run" in state:  # a training checkpoint's trainer.pt: config and classes under "run"
+        state = {**state, **state["run"]}
     if "classes" not in state or "config" not in state:
         raise ValueError(f"{source}: not a stream-pml model checkpoint (no classes/config)")
     cfg = state["config"]

@@ -176,7 +176,19 @@ class PseudoLabelStore:
 
     # -- reads and writes (training step) --------------------------------------------------
     def set_owned_chunks(self, chunks: Iterable[int]) -> None:
-        self.owned = set(int(c) for c in chunks)
+        """Take this epoch's chunks (the rank's shards) and drop cached chunks outside them:
+        another rank writes those this epoch, so a copy kept here would be stale when the
+        chunk comes back. Call once every rank's journals are in Zarr (the epoch hand-over)."""
+        owned = set(int(c) for c in chunks)
+        with self._lock:
+            busy = sorted(set(self._pending) | set(self._staged[0]) |
+                          {c for layer in self._inflight for c in layer})
+            if busy:
+                raise StoreError(f"{self.path}: ownership changed while chunks {busy[:8]} still have "
+                                 "updates that are not applied (save and flush first)")
+            for chunk in [c for c in self._cache if c not in owned]:
+                del self._cache[chunk]
+        self.owned = owned
 
     def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
         start = chunk * self.chunk_rows

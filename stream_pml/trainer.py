@@ -1,8 +1,11 @@
-"""The training loop: a short ``train()`` over epochs and a ``train_step()`` per batch."""
+"""The training loop: a short ``train()`` over epochs and a ``train_step()`` per batch.
+
+Checkpoints, resume and the epoch hand-over between ranks belong to
+:class:`~stream_pml.coordinator.Coordinator`; the trainer registers its states there once.
+"""
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -13,16 +16,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shard_tools.manifest import ManifestError
-
 from . import checkpoint as ckpt
+from . import components
+from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
-from .distributed import DistInfo, StopOnSignal, all_reduce_flags, all_reduce_min, barrier, gather_objects
-from .labels import LabelTable, make_partial, read_split_labels
-from .losses import LOSSES, get_loss
-from .metrics import mean_average_precision_detail, threshold_metrics
-from .pseudo_store import PseudoLabelStore
+from .distributed import DistInfo, StopOnSignal, all_reduce_flags
+from .evaluation import evaluate
 from .run_dir import StepLog, plot_map_curve, versions, write_csv, write_json
+from .states import RandomStates, RunIdentity
 
 if TYPE_CHECKING:
     from .config import Config  # noqa: F401
@@ -43,6 +44,9 @@ class TrainConfig:
     compile: bool = False
     # Checkpoint every N steps as well as at each epoch end; 0 = epoch ends only.
     checkpoint_every: int = 0
+    # Deterministic CUDA kernels (slower), so a resumed GPU run ends bitwise equal to an
+    # uninterrupted one; CPU kernels already are.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -67,9 +71,7 @@ class Trainer:
         from .model import build_model
         from .optim import build_optimizer, build_scheduler
 
-        self.cfg = cfg
-        self.dist = dist_info
-        self.device = dist_info.device
+        self.cfg, self.dist, self.device = cfg, dist_info, dist_info.device
         self.run_dir = Path(cfg.train.run_dir)
         self.loader = ShardLoader(cfg.data, dist_info.rank, dist_info.world_size, cfg.train.seed)
         self.num_classes = self.loader.num_classes
@@ -78,33 +80,29 @@ class Trainer:
         self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = self.raw_model = model
+        self.model = self.raw_model = model  # raw_model: what checkpoints hold
         self.normalize = Normalizer(self.channels_last)
         if cfg.train.compile:
             if self.device.type != "cuda" and dist_info.is_main:
                 warnings.warn("train.compile on CPU compiles for a CPU step; it pays off on CUDA")
             self.model = torch.compile(model)
-        if dist_info.world_size > 1:
+        if dist_info.grouped:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
-        self.labels = self._label_table()
-        self.loss_fn = self._build_loss()
-        self.store = self._open_store()
+        self.labels = components.label_table(cfg, self.loader)
+        self.loss_fn = components.build_loss(cfg, self.loader)
+        self.store = components.open_store(cfg, self.loader, self.labels, dist_info)
         params = [{"params": self.model.parameters()}]
         self.estimator = None
         if self.loss_fn.spec.uses_estimator:
-            from .losses.role_estimator import LabelEstimator
-
-            observed = self.labels.partial_NC.numpy() if self.labels is not None else read_split_labels(
-                cfg.data.shards, cfg.data.train_split, self.num_classes)
-            self.estimator = LabelEstimator(observed, seed=cfg.train.seed).to(self.device)
+            self.estimator = components.build_estimator(cfg, self.loader, self.labels, self.device)
             params.append({"params": self.estimator.parameters()})
         self.optimizer = build_optimizer(params, cfg.optim)
-        self.total_steps = sum(self.loader.num_batches(e) for e in range(1, cfg.train.epochs + 1))
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        total_steps = sum(self.loader.num_batches(e) for e in range(1, cfg.train.epochs + 1))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(np.random.SeedSequence([cfg.train.seed, dist_info.rank, 7])
                                        .generate_state(1)[0]))
@@ -112,143 +110,34 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of epoch + 1 already trained
         self.step = 0
         self.history: list[dict] = []
-        self._resume_dali: str | None = None
+        self._resume_stream: str | None = None
         self._stream = None
         self._val_thresholds: list[float] | None = None
+        self.coordinator = Coordinator(self.run_dir, dist_info, self.store, cfg.train.keep_checkpoints)
+        shared = {"run": RunIdentity(_config_dict(cfg), dist_info.world_size, self.loader.manifest.fingerprint(),
+                                     self.loader.manifest.classes),
+                  "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                  "estimator": self.estimator, "progress": self}
+        for key, obj in shared.items():
+            if obj is not None:
+                self.coordinator.register(key, obj)
+        self.coordinator.register("stream", _StreamPosition(self), per_rank=True)
+        self.coordinator.register("rng", RandomStates(self.generator, self.device), per_rank=True)
 
-    def _label_table(self) -> LabelTable | None:
-        """The label setting's table for the training split; None = the shards' labels as they are."""
-        data = self.cfg.data
-        if data.label_setting == "fal":
-            return None
-        if not self.loader.train_split.fully_labelled:
-            raise ManifestError(f"{data.shards}: split {data.train_split} is not fully labelled; "
-                                f"label_setting={data.label_setting} is made from full labels")
-        full = read_split_labels(data.shards, data.train_split, self.num_classes)
-        return LabelTable(make_partial(full, data.label_setting, data.label_ratio, data.label_seed))
-
-    def _open_store(self) -> PseudoLabelStore:
-        split = self.loader.train_split
-        path = Path(self.cfg.pseudo.path) if self.cfg.pseudo.path else self.run_dir / "pseudo_labels.zarr"
-        identity = {"manifest": self.loader.manifest.fingerprint(), "split": self.cfg.data.train_split,
-                    "label_setting": self.labels.hash if self.labels is not None else "as built"}
-        args = (path, split.num_samples, self.num_classes, self.loader.manifest.shard_size, identity,
-                self.cfg.pseudo)
-        if self.dist.is_main:  # one process creates it, the others open it
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = PseudoLabelStore(*args)
-        barrier()
-        return store if self.dist.is_main else PseudoLabelStore(*args, create=False)
-
-    def _build_loss(self):
-        params = dict(self.cfg.loss.params)
-        spec = LOSSES[self.cfg.loss.name]
-        if spec.uses_prior and params.get("expected_positives") is None:
-            split = self.loader.train_split
-            if not split.fully_labelled:
-                raise ManifestError(f"loss {self.cfg.loss.name} needs loss.params.expected_positives: "
-                                    f"split {self.cfg.data.train_split} is not fully labelled")
-            # Full-label statistics of the training split, as EPR prescribes.
-            params["expected_positives"] = split.num_positives / split.num_samples
-        return get_loss(self.cfg.loss.name, **params)
-
-    # -- state ---------------------------------------------------------------------------
-    def _core(self) -> torch.nn.Module:
-        """The plain model under any DDP / torch.compile wrapper (what checkpoints hold)."""
-        return self.raw_model
-
+    # -- state: the run's progress (the rest is registered with the coordinator) -----------
     def state_dict(self) -> dict:
-        """What every rank shares (saved once, by rank 0)."""
-        return {
-            "model": self._core().state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "history": self.history, "world_size": self.dist.world_size,
-            "manifest": self.loader.manifest.fingerprint(), "arch": self.cfg.model.arch,
-            "config": _config_dict(self.cfg), "classes": self.loader.manifest.classes,
-        }
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+                "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("world_size", self.dist.world_size),
-                          ("manifest", self.loader.manifest.fingerprint()), ("arch", self.cfg.model.arch)):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume from {self.run_dir}: the checkpoint's {key} is "
-                                 f"{state[key]!r}, this run's is {mine!r} (use a new train.run_dir)")
-        if state["config"]["train"]["epochs"] != self.cfg.train.epochs:
-            raise ValueError(f"cannot resume from {self.run_dir}: train.epochs was "
-                             f"{state['config']['train']['epochs']}, now {self.cfg.train.epochs}; the "
-                             "learning-rate schedule and d are built for the run's length (use a new "
-                             "train.run_dir)")
-        self._core().load_state_dict(state["model"])
-        if self.estimator is not None:
-            self.estimator.load_state_dict(state["estimator"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.history = state["step"], state["history"]
 
-    def rank_state_dict(self, stream=None) -> dict:
-        """What differs per rank: data position (DALI's checkpoint) and random states."""
-        return {
-            "dali": stream.checkpoint() if stream is not None and self.batch_in_epoch else None,
-            "generator": self.generator.get_state(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None},
-        }
-
-    def load_rank_state_dict(self, state: dict) -> None:
-        self._resume_dali = state["dali"]
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-
     def maybe_resume(self) -> Path | None:
-        """Continue from the newest loadable checkpoint and bring the store to its state."""
-        rank = self.dist.rank
-        ckpts = ckpt.list_checkpoints(self.run_dir)
-        mine, loaded = ckpt.load_newest(self.run_dir, rank) if self.cfg.train.resume == "auto" else (-1, None)
-        index = int(all_reduce_min(mine))  # every rank resumes from the same checkpoint
-        # Journals of checkpoints newer than the one resumed may have reached the store.
-        for newer in reversed(ckpts[index + 1:]):
-            self.store.rollback_journal(newer, rank)
-        for older in ckpts[: index + 1]:
-            self.store.apply_journal(older, rank)
-        barrier()
-        if index < 0:
-            return None
-        # The states loaded while looking are reused unless another rank chose an older one.
-        main_state, rank_state = loaded if index == mine else ckpt.load(ckpts[index], rank)
-        self.load_state_dict(main_state)
-        self.load_rank_state_dict(rank_state)
-        return ckpts[index]
+        return self.coordinator.resume(enabled=self.cfg.train.resume == "auto")
 
-    def save_checkpoint(self, stream=None) -> Path:
-        """Atomic checkpoint of every rank, then the pseudo-label journal goes to Zarr."""
-        rank, main = self.dist.rank, self.dist.is_main
-        # The previous checkpoint's journal must be in the store before it may be pruned.
-        self.store.flush()
-        tmp = ckpt.tmp_dir(self.run_dir, self.epoch, self.step)
-        if main:
-            ckpt.prepare(self.run_dir, self.epoch, self.step)
-        barrier()
-        self.store.save_journal(tmp, rank)
-        ckpt.save_file(tmp / ckpt.RANK_FILE.format(rank=rank), self.rank_state_dict(stream))
-        if main:
-            ckpt.save_file(tmp / ckpt.MAIN_FILE, self.state_dict())
-        barrier()
-        final = tmp.with_name(tmp.name[: -len(".tmp")])
-        if main:
-            ckpt.publish(tmp)
-        barrier()
-        self.store.apply_journal_async(final, rank)
-        if main:
-            ckpt.prune(self.run_dir, self.cfg.train.keep_checkpoints)
-        return final
+    def save_checkpoint(self) -> Path:
+        return self.coordinator.save(self.epoch, self.step)
 
     # -- loop ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -258,7 +147,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(_config_yaml(self.cfg))
             write_json(self.run_dir / "run_info.json", {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
-                "device": str(self.device), "amp": self.use_amp, "versions": versions(),
+                "device": str(self.device), "amp": self.use_amp,
+                "deterministic": self.cfg.train.deterministic, "versions": versions(),
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
@@ -280,6 +170,15 @@ class Trainer:
             if step_log is not None:
                 step_log.close()
 
+    def evaluate(self, split: str) -> dict:
+        result, thresholds = evaluate(
+            self.raw_model, self.loader.eval_batches(split), num_classes=self.num_classes,
+            device=self.device, normalize=self.normalize, use_amp=self.use_amp,
+            calibrate=split == self.cfg.data.val_split)
+        if thresholds is not None:
+            self._val_thresholds = thresholds
+        return result
+
     def _validate(self, epoch: int, step_log: "StepLog | None") -> None:
         result = {"epoch": epoch, "step": self.step, **self.evaluate(self.cfg.data.val_split)}
         self.history.append(result)
@@ -288,11 +187,10 @@ class Trainer:
             write_csv(self.run_dir / "metrics.csv", self.history)
             step_log.epoch(result)
             if best is result:  # the selected model: by validation mAP only
-                ckpt.save_file(self.run_dir / "best.pt.tmp", {
-                    "model": self._core().state_dict(), "epoch": epoch, "val_map": result["map"],
+                ckpt.save_best(self.run_dir, {
+                    "model": self.raw_model.state_dict(), "epoch": epoch, "val_map": result["map"],
                     "config": _config_dict(self.cfg), "classes": self.loader.manifest.classes,
                     "thresholds": self._val_thresholds})
-                (self.run_dir / "best.pt.tmp").replace(self.run_dir / "best.pt")
             print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
                   f"at epoch {best['epoch']})", flush=True)
 
@@ -301,7 +199,7 @@ class Trainer:
         selected = {"epoch": self.epoch, "by": "last epoch (no validation split)"}
         if self.cfg.data.val_split and (self.run_dir / "best.pt").exists():
             best = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
-            self._core().load_state_dict(best["model"])
+            self.raw_model.load_state_dict(best["model"])
             selected = {"epoch": best["epoch"], "by": f"best {self.cfg.data.val_split} mAP",
                         "val_map": best["val_map"]}
         test = self.evaluate(self.cfg.data.test_split) if self.cfg.data.test_split else {}
@@ -317,13 +215,12 @@ class Trainer:
     def train_epoch(self, epoch: int, step_log: "StepLog | None", signals: "StopOnSignal") -> bool:
         """Train the rest of ``epoch``; False when a signal stopped it (after a checkpoint)."""
         self.model.train()
+        self.coordinator.hand_over(self.loader.owned_train_shards(epoch))
         num_batches = self.loader.num_batches(epoch)
-        self.store.set_owned_chunks(self.loader.owned_train_shards(epoch))
-        stream = self.loader.train_stream(epoch, checkpoint=self._resume_dali,
-                                          max_batches=num_batches - self.batch_in_epoch)
-        self._resume_dali = None
-        self._stream = stream
-        batches = iter(stream)
+        self._stream = self.loader.train_stream(epoch, checkpoint=self._resume_stream,
+                                                max_batches=num_batches - self.batch_in_epoch)
+        self._resume_stream = None
+        batches = iter(self._stream)
         bar = tqdm(total=num_batches, initial=self.batch_in_epoch, desc=f"epoch {epoch}/{self.cfg.train.epochs}",
                    unit="batch", disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
         wait_s, t_last, images_seen = 0.0, time.perf_counter(), 0
@@ -348,7 +245,7 @@ class Trainer:
                 wait_s, t_last, images_seen = 0.0, now, 0
             stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
             if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
-                self.save_checkpoint(stream)
+                self.save_checkpoint()
             if stop:
                 bar.close()
                 if self.dist.is_main:
@@ -381,13 +278,14 @@ class Trainer:
         if bad:  # every rank stops together, before this step changes anything
             where = f"non-finite loss at epoch {epoch}, step {self.step + 1} (loss {loss.item()} on this rank)"
             if all(torch.isfinite(p).all() for p in self.model.parameters()):
-                path = self.save_checkpoint(self._stream)
-                raise NonFiniteLoss(f"{where}; the last good state is saved in {path}")
+                raise NonFiniteLoss(f"{where}; the last good state is saved in {self.save_checkpoint()}")
             found = ckpt.list_checkpoints(self.run_dir)
             raise NonFiniteLoss(f"{where}; the weights are already non-finite, so nothing was saved; "
                                 f"newest checkpoint: {found[-1] if found else 'none'}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.estimator is not None:
+            self.estimator.average_grad_over_ranks(batch.rows_B)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -395,36 +293,19 @@ class Trainer:
             self.store.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()), pseudo_BC)
         return {"loss": float(loss.detach()), **stats}
 
-    @torch.no_grad()
-    def evaluate(self, split: str) -> dict:
-        """Metrics of ``split``; on the validation split also the per-class thresholds of
-        best F1, which ``predict --threshold calibrated`` uses."""
-        self.model.eval()
-        rows, scores, targets, known = [], [], [], []
-        for batch in self.loader.eval_batches(split):
-            batch = batch.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                logits = self._core()(self.normalize(batch.images_BCHW))
-            t, k = dense_labels(batch.pos_BP, batch.neg_BN, self.num_classes)
-            rows.append(batch.rows_B.cpu().numpy())
-            scores.append(torch.sigmoid(logits.float()).cpu().numpy())
-            targets.append(t.cpu().numpy().astype(np.int8))
-            known.append(k.cpu().numpy())
-        self.model.train()
-        parts = gather_objects((rows, scores, targets, known))
-        cat = [np.concatenate([a for p in parts for a in p[j]]) for j in range(4)]
-        rows_N, scores_NC, targets_NC, known_NC = cat
-        # pad_last_batch may repeat a sample at a shard list's end; keep each row once.
-        _, first = np.unique(rows_N, return_index=True)
-        scores_NC, targets_NC, known_NC = scores_NC[first], targets_NC[first], known_NC[first]
-        detail = mean_average_precision_detail(scores_NC, targets_NC, known_NC)
-        if split == self.cfg.data.val_split:
-            from .inference import calibrate_thresholds
 
-            self._val_thresholds = calibrate_thresholds(scores_NC, targets_NC, known_NC).tolist()
-        return {"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
-                "skipped_classes": detail.num_skipped,
-                **threshold_metrics(scores_NC, targets_NC, known_NC)}
+class _StreamPosition:
+    """A rank's place in the epoch's stream: the loader's own checkpoint, mid-epoch only."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {"loader": t._stream.checkpoint() if t._stream is not None and t.batch_in_epoch else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer._resume_stream = state["loader"]
 
 
 def _config_dict(cfg: "Config") -> dict:

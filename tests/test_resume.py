@@ -171,7 +171,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(digits_shards, tmp_path):
     assert proc.returncode == 143, err[-2000:]  # not finished, but stopped cleanly
     assert "stopped by a signal" in out
     state = torch.load(ckpt.list_checkpoints(run)[-1] / ckpt.MAIN_FILE, weights_only=False)
-    assert 4 <= state["step"] < 24
+    assert 4 <= state["progress"]["step"] < 24
     reference = tmp_path / "reference"
     assert main(_single(digits_shards, reference)) == 0
     assert main(_single(digits_shards, run)) == 0

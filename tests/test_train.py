@@ -112,5 +112,5 @@ def test_non_finite_loss_stops_with_a_message_and_a_good_checkpoint(digits_shard
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 1, step 5" in err and "last good state is saved" in err
     state = torch.load(ckpt.list_checkpoints(run)[-1] / ckpt.MAIN_FILE, weights_only=False)
-    assert state["step"] == 4
+    assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

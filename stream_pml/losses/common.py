@@ -1,10 +1,8 @@
-"""Shared pieces of the losses: fp32 log-sigmoid terms, reductions, sampling, DDP sums."""
+"""Shared pieces of the losses: fp32 log-sigmoid terms, reductions, sampling."""
 
 from __future__ import annotations
 
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -44,10 +42,3 @@ def sample_unknown(unknown_BC: torch.Tensor, q: float, generator: torch.Generato
     out.scatter_(1, idx, take)
     return out
 
-
-def all_reduce_sum(*values: torch.Tensor) -> list[torch.Tensor]:
-    """Sum scalars over ranks when a process group is up; no-op otherwise."""
-    stacked = torch.stack([v.detach().double() for v in values])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-    return list(stacked.unbind())

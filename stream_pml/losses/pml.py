@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import all_reduce_sum, log_probs, sample_unknown
+from ..distributed import all_reduce_sum
+from .common import log_probs, sample_unknown
 
 D_SCHEDULES = ("text", "printed")
 AB_SCOPES = ("known", "all")

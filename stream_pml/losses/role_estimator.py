@@ -1,4 +1,10 @@
-"""ROLE's learnable N x C label estimator (Cole et al. 2021), kept in memory by row id."""
+"""ROLE's learnable N x C label estimator (Cole et al. 2021), kept in memory by row id.
+
+Under DDP every rank holds the whole estimator and its Adam state, kept identical by
+averaging the gradient over ranks like the model's. Rank-owned rows (as the pseudo-label
+store does) cannot reproduce the optimizer: Adam moves every row at every step through its
+moments, not only the rows of the batch.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import math
 import numpy as np
 import torch
 from torch import nn
+
+from .. import distributed
 
 DEFAULT_MAX_BYTES = 4 * 2**30
 
@@ -35,6 +43,25 @@ class LabelEstimator(nn.Module):
 
     def forward(self, rows_B: torch.Tensor) -> torch.Tensor:
         return self.logits_NC[rows_B.to(self.logits_NC.device)]
+
+    def average_grad_over_ranks(self, rows_B: torch.Tensor) -> None:
+        """After ``backward``: give every rank the gradient DDP gives the model, the mean of
+        the ranks' gradients, so the replicated estimators stay identical.
+
+        A rank's gradient is zero outside its batch's rows, so gathering each rank's rows and
+        their gradient rows is exact, at O(world x B x C) traffic instead of N x C. Rows of
+        one step are distinct across ranks (each rank reads its own shards); the
+        accumulating put would still sum a repeated row, deterministically on CUDA too.
+        """
+        num_ranks = distributed.world_size()
+        grad = self.logits_NC.grad
+        if num_ranks == 1 or grad is None:
+            return
+        rows = rows_B.to(grad.device)
+        all_rows = distributed.all_gather_cat(rows)
+        all_grads = distributed.all_gather_cat(grad[rows])
+        grad.zero_()
+        grad.index_put_((all_rows,), all_grads / num_ranks, accumulate=True)
 
 
 def logit(p: float) -> float:
