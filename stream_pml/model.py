@@ -1,5 +1,7 @@
-"""Backbone (any torchvision classification model) + a linear multi-label head."""
+"""Backbone (any torchvision classification model) + a linear multi-label head, placed on
+its device and wrapped for training."""
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,3 +53,24 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     _replace_last_linear(model, num_classes)
     return model
+
+
+def place_model(model: nn.Module, cfg: ModelConfig, device: torch.device, *, compile_model: bool,
+                ddp: bool, warn: bool) -> tuple[nn.Module, nn.Module]:
+    """(the plain model on ``device``, what trains: under torch.compile and DDP when asked).
+
+    channels_last applies on CUDA only, where cuDNN's convolutions gain from it; checkpoints
+    and evaluation use the plain model, whose weights the wrappers share.
+    """
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = model
+    if compile_model:
+        if device.type != "cuda" and warn:
+            warnings.warn("train.compile on CPU compiles for a CPU step; it pays off on CUDA")
+        wrapped = torch.compile(model)
+    if ddp:
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, wrapped

@@ -26,6 +26,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def start(run_dir: Path, config_yaml: str, info: dict) -> None:
+    """The resolved config and ``run_info.json`` (seed, world size, device, versions, ...)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    write_json(run_dir / "run_info.json", {**info, "versions": versions()})
+
+
 class CsvLog:
     """Append rows to a CSV, writing the header once; columns fixed by the first row."""
 

@@ -5,6 +5,7 @@ CUDA kernels deterministic.
   names that ``stream-pml`` reads from a checkpoint;
 - :class:`RandomStates` (per rank): torch, CUDA, numpy and Python generators and the loss's
   own sampling generator;
+- :class:`StreamPosition` (per rank): where the epoch's stream continues;
 - :func:`use_deterministic_kernels`: ``train.deterministic``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,6 +66,21 @@ class RandomStates:
         random.setstate(state["python"])
         if state["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+class StreamPosition:
+    """A rank's place in the epoch's stream: the loader's own checkpoint (DALI's pipeline
+    checkpoint, or the torch backend's position), None at an epoch boundary."""
+
+    def __init__(self, current: Callable[[], str | None], resume_at: Callable[[str | None], None]):
+        self.current = current
+        self.resume_at = resume_at
+
+    def state_dict(self) -> dict:
+        return {"loader": self.current()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_at(state["loader"])
 
 
 def use_deterministic_kernels() -> None:

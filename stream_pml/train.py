@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import setup, teardown
     from .trainer import NonFiniteLoss, Trainer
 
+    if cfg.train.deterministic:  # before any CUDA work
+        from .states import use_deterministic_kernels
+
+        use_deterministic_kernels()
     dist_info = setup(cfg.train.device)
     try:
         try:

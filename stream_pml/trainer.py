@@ -22,8 +22,9 @@ from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags
 from .evaluation import evaluate
-from .run_dir import StepLog, plot_map_curve, versions, write_csv, write_json
-from .states import RandomStates, RunIdentity
+from .run_dir import StepLog, plot_map_curve, write_csv, write_json
+from .run_dir import start as start_run_dir
+from .states import RandomStates, RunIdentity, StreamPosition
 
 if TYPE_CHECKING:
     from .config import Config  # noqa: F401
@@ -67,28 +68,22 @@ class NonFiniteLoss(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: "Config", dist_info: DistInfo):
+        from .config import to_dict, to_yaml  # config.py imports this module's TrainConfig
         from .data.loader import ShardLoader
-        from .model import build_model
+        from .model import build_model, place_model
         from .optim import build_optimizer, build_scheduler
 
         self.cfg, self.dist, self.device = cfg, dist_info, dist_info.device
         self.run_dir = Path(cfg.train.run_dir)
+        self.config_dict, self.config_yaml = to_dict(cfg), to_yaml(cfg)
         self.loader = ShardLoader(cfg.data, dist_info.rank, dist_info.world_size, cfg.train.seed)
         self.num_classes = self.loader.num_classes
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, self.num_classes).to(self.device)
+        self.raw_model, self.model = place_model(  # raw_model: what checkpoints hold
+            build_model(cfg.model, self.num_classes), cfg.model, self.device, compile_model=cfg.train.compile,
+            ddp=dist_info.grouped, warn=dist_info.is_main)
         self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = self.raw_model = model  # raw_model: what checkpoints hold
         self.normalize = Normalizer(self.channels_last)
-        if cfg.train.compile:
-            if self.device.type != "cuda" and dist_info.is_main:
-                warnings.warn("train.compile on CPU compiles for a CPU step; it pays off on CUDA")
-            self.model = torch.compile(model)
-        if dist_info.grouped:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")
@@ -114,14 +109,15 @@ class Trainer:
         self._stream = None
         self._val_thresholds: list[float] | None = None
         self.coordinator = Coordinator(self.run_dir, dist_info, self.store, cfg.train.keep_checkpoints)
-        shared = {"run": RunIdentity(_config_dict(cfg), dist_info.world_size, self.loader.manifest.fingerprint(),
+        shared = {"run": RunIdentity(self.config_dict, dist_info.world_size, self.loader.manifest.fingerprint(),
                                      self.loader.manifest.classes),
                   "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                   "estimator": self.estimator, "progress": self}
         for key, obj in shared.items():
             if obj is not None:
                 self.coordinator.register(key, obj)
-        self.coordinator.register("stream", _StreamPosition(self), per_rank=True)
+        self.coordinator.register("stream", StreamPosition(self._stream_checkpoint, self._set_resume_stream),
+                                  per_rank=True)
         self.coordinator.register("rng", RandomStates(self.generator, self.device), per_rank=True)
 
     # -- state: the run's progress (the rest is registered with the coordinator) -----------
@@ -133,6 +129,13 @@ class Trainer:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.history = state["step"], state["history"]
 
+    def _stream_checkpoint(self) -> str | None:
+        """The loader's own checkpoint mid-epoch; None at an epoch boundary."""
+        return self._stream.checkpoint() if self._stream is not None and self.batch_in_epoch else None
+
+    def _set_resume_stream(self, checkpoint: str | None) -> None:
+        self._resume_stream = checkpoint
+
     def maybe_resume(self) -> Path | None:
         return self.coordinator.resume(enabled=self.cfg.train.resume == "auto")
 
@@ -143,12 +146,10 @@ class Trainer:
     def train(self) -> dict:
         main = self.dist.is_main
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(_config_yaml(self.cfg))
-            write_json(self.run_dir / "run_info.json", {
+            start_run_dir(self.run_dir, self.config_yaml, {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
                 "device": str(self.device), "amp": self.use_amp,
-                "deterministic": self.cfg.train.deterministic, "versions": versions(),
+                "deterministic": self.cfg.train.deterministic,
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
@@ -189,7 +190,7 @@ class Trainer:
             if best is result:  # the selected model: by validation mAP only
                 ckpt.save_best(self.run_dir, {
                     "model": self.raw_model.state_dict(), "epoch": epoch, "val_map": result["map"],
-                    "config": _config_dict(self.cfg), "classes": self.loader.manifest.classes,
+                    "config": self.config_dict, "classes": self.loader.manifest.classes,
                     "thresholds": self._val_thresholds})
             print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
                   f"at epoch {best['epoch']})", flush=True)
@@ -293,28 +294,3 @@ class Trainer:
             self.store.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()), pseudo_BC)
         return {"loss": float(loss.detach()), **stats}
 
-
-class _StreamPosition:
-    """A rank's place in the epoch's stream: the loader's own checkpoint, mid-epoch only."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        t = self.trainer
-        return {"loader": t._stream.checkpoint() if t._stream is not None and t.batch_in_epoch else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.trainer._resume_stream = state["loader"]
-
-
-def _config_dict(cfg: "Config") -> dict:
-    from .config import to_dict  # config.py imports this module's TrainConfig
-
-    return to_dict(cfg)
-
-
-def _config_yaml(cfg: "Config") -> str:
-    from .config import to_yaml
-
-    return to_yaml(cfg)
