@@ -74,3 +74,31 @@ def place_model(model: nn.Module, cfg: ModelConfig, device: torch.device, *, com
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return model, wrapped
+
+
+def settle_ddp_buckets(model: nn.Module, raw_model: nn.Module, images_BCHW: torch.Tensor,
+                       use_amp: bool) -> None:
+    """One backward on ``images_BCHW`` whose effects are all undone, so DDP lays out its
+    gradient buckets before the first real step of this process.
+
+    DDP reduces the first backward in one bucket in parameter order and the rest in buckets
+    rebuilt from the order gradients became ready. Where a gradient sits in a bucket decides
+    the order in which a ring all-reduce adds the ranks' values, and float addition of three
+    or more values depends on that order: without this, a resumed process's first step would
+    round differently from the same step of an uninterrupted run (measured with 4 ranks).
+    Collective: every rank calls it at the same point.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    buffers = {name: b.clone() for name, b in raw_model.named_buffers()}  # BN statistics
+    model.train()
+    device = images_BCHW.device
+    # Dropout draws from the global generators, which a resume has just restored.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images_BCHW)
+        logits.float().sum().backward()
+    with torch.no_grad():
+        for name, b in raw_model.named_buffers():
+            b.copy_(buffers[name])
+    raw_model.zero_grad(set_to_none=True)

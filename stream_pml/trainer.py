@@ -22,6 +22,7 @@ from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags
 from .evaluation import evaluate
+from .model import settle_ddp_buckets
 from .run_dir import StepLog, plot_map_curve, write_csv, write_json
 from .run_dir import start as start_run_dir
 from .states import RandomStates, RunIdentity, StreamPosition
@@ -155,7 +156,9 @@ class Trainer:
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
                 "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)})
         step_log = StepLog(self.run_dir) if main else None
-        val = self.cfg.data.val_split
+        val, size = self.cfg.data.val_split, self.cfg.data.image_size
+        settle_ddp_buckets(self.model, self.raw_model, self.normalize(torch.zeros(
+            self.cfg.data.batch_size, 3, size, size, dtype=torch.uint8, device=self.device)), self.use_amp)
         try:
             with StopOnSignal() as signals:
                 for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
