@@ -104,8 +104,11 @@ def main() -> None:
         run = tmp / "run"
         rc = train_main([f"data.shards={shards}", "data.batch_size=128", "data.num_threads=8",
                          "model.arch=resnet50", f"train.run_dir={run}", "train.epochs=2",
-                         "train.log_every=2", "data.val_split=val", "data.test_split="])
+                         "train.log_every=2", "data.val_split=val", "data.test_split=''"])
         report["trainer_rc"] = rc
+        if rc != 0:
+            print(json.dumps(report, indent=1))
+            sys.exit(f"the trainer exited with status {rc}")
         with open(run / "train_log.csv") as f:
             rows = list(csv.DictReader(f))[1:]
         report["trainer_images_per_s"] = statistics.median(float(r["images_per_s"]) for r in rows)
@@ -123,6 +126,8 @@ def main() -> None:
             lambda: pml_loss_sparse(logits, pos, neg, pseudo_BC=pseudo, q=0.1).backward(), 20)
     print(json.dumps(report, indent=1))
     sys.stdout.flush()
+    if "compile_error" in report:  # reported above with everything else, and not passed
+        sys.exit("torch.compile failed (see compile_error)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ would, with two optional instruments inside every rank:
 - ``record_dir``: every pseudo-label read and write (epoch, rows, values), the chunks each
   rank owns per epoch, the store on disk right after each epoch hand-over (rank 0), and each
   rank's ROLE estimator at the end;
+- ``group_backend``: a process group the rank makes itself before ``main`` (e.g. NCCL-only
+  on a GPU, as a launcher or a user's own code might), which the trainer must then use;
 - ``stop_at=(epoch, batch)``: every rank stops itself (SIGSTOP) at the start of that batch's
   step, all at the same point of the run; the parent then SIGKILLs them all, like a lost
   node, and the run directory is left exactly as a crash leaves it.
@@ -35,13 +37,14 @@ def _state(pid: int) -> str:
 
 
 def run_ranks(world_size: int, argv: list[str], *, record_dir: Path | None = None,
-              stop_at: tuple[int, int] | None = None, timeout_s: float = 600) -> list[int]:
+              stop_at: tuple[int, int] | None = None, group_backend: str | None = None,
+              timeout_s: float = 600) -> list[int]:
     """Exit codes of the ranks (-9 each when ``stop_at`` killed them)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, argv, record_dir, stop_at))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, argv, record_dir, stop_at, group_backend))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -68,13 +71,22 @@ def run_ranks(world_size: int, argv: list[str], *, record_dir: Path | None = Non
 
 
 def _rank_main(rank: int, world_size: int, port: int, argv: list[str], record_dir: Path | None,
-               stop_at: tuple[int, int] | None) -> None:
+               stop_at: tuple[int, int] | None, group_backend: str | None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
+    if group_backend is not None:
+        import torch.distributed as dist
+
+        # The group starts CUDA; train.deterministic needs cuBLAS's setting before that.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        device = torch.device("cuda", rank) if "nccl" in group_backend else None
+        if device is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group(group_backend, rank=rank, world_size=world_size, device_id=device)
     from stream_pml.train import main
 
     records = _install_recorder(Path(record_dir), rank) if record_dir is not None else None
