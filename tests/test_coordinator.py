@@ -3,6 +3,8 @@ and the epoch hand-over of chunk ownership. One process, no process group: colle
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -190,12 +192,20 @@ def test_a_checkpoint_saved_after_a_disabled_resume_survives_pruning(make):
     coord2, store2 = make(keep=2)
     assert coord2.resume(enabled=False) is None  # train.resume=never in the same run dir
     new = coord2.save(0, 10)
-    errors = []
-    try:
+    with contextlib.suppress(OSError):  # the background apply may find its directory pruned
         store2.flush()
-    except Exception as exc:  # the background apply may find its directory already pruned
-        errors.append(exc)
-    assert new.exists() and not errors
+    # Not just new.exists(): prune's rmtree races the background apply of that same directory,
+    # which may leave it behind holding only the undo file and the applied marker.
+    assert (new / ckpt.MAIN_FILE).is_file()
+
+
+def _other_rank_rewrites_chunk0(other: PseudoLabelStore, ck_dir) -> None:
+    """Rank 1 (a second store on the same path) owns chunk 0, sets it to 0.9, checkpoints it."""
+    other.set_owned_chunks([0])
+    other.write(torch.arange(10), torch.full((10, 6), 0.9))
+    ck_dir.mkdir()
+    other.save_journal(ck_dir, 1)
+    other.apply_journal_async(ck_dir, 1).result()
 
 
 def test_hand_over_drops_a_cached_chunk_another_rank_rewrote(make, tmp_path):
@@ -203,14 +213,8 @@ def test_hand_over_drops_a_cached_chunk_another_rank_rewrote(make, tmp_path):
     rows = torch.arange(10)  # chunk 0
     coord.hand_over([0, 1])  # epoch 1: this rank owns chunk 0
     assert torch.all(mine.read(rows) == 0.5)  # now decoded in the cache
-    # Epoch 2: another rank (a second store on the same path) owns chunk 0 and rewrites it.
-    coord.hand_over([1])
-    other = make()[1]
-    other.set_owned_chunks([0])
-    other.write(rows, torch.full((10, 6), 0.9))
-    (tmp_path / "other-ck").mkdir()
-    other.save_journal(tmp_path / "other-ck", 1)
-    other.apply_journal_async(tmp_path / "other-ck", 1).result()
+    coord.hand_over([1])  # epoch 2: chunk 0 goes to the other rank, which rewrites it
+    _other_rank_rewrites_chunk0(make()[1], tmp_path / "other-ck")
     coord.hand_over([0])  # epoch 3: chunk 0 comes back
     torch.testing.assert_close(mine.read(rows), torch.full((10, 6), 0.9), atol=ATOL, rtol=0)
 
@@ -221,11 +225,7 @@ def test_without_a_hand_over_the_cached_copy_is_served_stale(make, tmp_path):
     rows = torch.arange(10)
     coord.hand_over([0, 1])
     assert torch.all(mine.read(rows) == 0.5)
-    other = make()[1]
-    other.write(rows, torch.full((10, 6), 0.9))
-    (tmp_path / "other-ck").mkdir()
-    other.save_journal(tmp_path / "other-ck", 1)
-    other.apply_journal_async(tmp_path / "other-ck", 1).result()
+    _other_rank_rewrites_chunk0(make()[1], tmp_path / "other-ck")
     coord.hand_over([0, 1])  # chunk 0 still owned: its cached copy is kept
     assert torch.all(mine.read(rows) == 0.5)
     torch.testing.assert_close(make()[1].read(rows), torch.full((10, 6), 0.9), atol=ATOL, rtol=0)
