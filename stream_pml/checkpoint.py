@@ -107,6 +107,21 @@ def load_newest(run_dir: Path, rank: int) -> tuple[int, tuple[dict, dict] | None
     return -1, None
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint whose journal was rolled back to ``<name>.abandoned[-k]``: its
+    timeline was given up, so it must never be listed, resumed or re-applied again, and is
+    kept (not deleted) for whoever wants to look at it."""
+    for k in range(1, 10_000):
+        target = path.with_name(path.name + (".abandoned" if k == 1 else f".abandoned-{k}"))
+        if not target.exists():
+            path.rename(target)
+            _fsync_dir(path.parent)
+            warnings.warn(f"checkpoint {path.name} is newer than the one resumed from; set aside as "
+                          f"{target.name}")
+            return target
+    raise RuntimeError(f"{path}: too many set-aside copies")
+
+
 def prune(run_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves."""
     for old in list_checkpoints(run_dir)[:-keep]:

@@ -75,7 +75,9 @@ class Coordinator:
 
     def resume(self, enabled: bool = True) -> Path | None:
         """Load the newest checkpoint every rank can read into the registered states and
-        bring the store to what it saw; None (store still brought back) when there is none."""
+        bring the store to what it saw; None (store still brought back) when there is none.
+        Checkpoints newer than the one resumed (all of them when ``enabled`` is False) are
+        rolled back and set aside (:func:`checkpoint.set_aside`)."""
         rank = self.dist.rank
         ckpts = ckpt.list_checkpoints(self.run_dir)
         mine, loaded = ckpt.load_newest(self.run_dir, rank) if enabled else (-1, None)
@@ -85,6 +87,11 @@ class Coordinator:
         # so every rank finishes one checkpoint before any rank starts the next.
         for newer in reversed(ckpts[index + 1:]):
             self.store.rollback_journal(newer, rank)
+            barrier()
+            # Its timeline is given up: listed again, it would sort before the next
+            # checkpoint and its journal be re-applied over newer rows (or prune the new run's).
+            if self.dist.is_main:
+                ckpt.set_aside(newer)
             barrier()
         for older in ckpts[: index + 1]:
             self.store.apply_journal(older, rank)
