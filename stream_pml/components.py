@@ -13,7 +13,7 @@ from shard_tools.manifest import ManifestError
 
 from .data.loader import ShardLoader
 from .distributed import DistInfo, barrier
-from .labels import LabelTable, make_partial, read_split_labels
+from .labels import PartialLabels, read_split_labels
 from .losses import LOSSES, BoundLoss, get_loss
 from .pseudo_store import PseudoLabelStore
 
@@ -22,16 +22,17 @@ if TYPE_CHECKING:
     from .losses.role_estimator import LabelEstimator
 
 
-def label_table(cfg: "Config", loader: ShardLoader) -> LabelTable | None:
-    """The label setting's table for the training split; None = the shards' labels as they are."""
+def label_table(cfg: "Config", loader: ShardLoader) -> PartialLabels | None:
+    """The label setting of the training split (positives only, O(positives) memory); None =
+    the shards' labels as they are."""
     data = cfg.data
     if data.label_setting == "fal":
         return None
     if not loader.train_split.fully_labelled:
         raise ManifestError(f"{data.shards}: split {data.train_split} is not fully labelled; "
                             f"label_setting={data.label_setting} is made from full labels")
-    full = read_split_labels(data.shards, data.train_split, loader.num_classes)
-    return LabelTable(make_partial(full, data.label_setting, data.label_ratio, data.label_seed))
+    return PartialLabels.from_split(data.shards, data.train_split, loader.num_classes, data.label_setting,
+                                    data.label_ratio, data.label_seed)
 
 
 def build_loss(cfg: "Config", loader: ShardLoader) -> BoundLoss:
@@ -46,16 +47,16 @@ def build_loss(cfg: "Config", loader: ShardLoader) -> BoundLoss:
     return get_loss(cfg.loss.name, **params)
 
 
-def build_estimator(cfg: "Config", loader: ShardLoader, labels: LabelTable | None,
+def build_estimator(cfg: "Config", loader: ShardLoader, labels: PartialLabels | None,
                     device: torch.device) -> "LabelEstimator":
     from .losses.role_estimator import LabelEstimator
 
-    observed = labels.partial_NC.numpy() if labels is not None else read_split_labels(
+    observed = labels.dense() if labels is not None else read_split_labels(
         cfg.data.shards, cfg.data.train_split, loader.num_classes)
     return LabelEstimator(observed, seed=cfg.train.seed).to(device)
 
 
-def open_store(cfg: "Config", loader: ShardLoader, labels: LabelTable | None,
+def open_store(cfg: "Config", loader: ShardLoader, labels: PartialLabels | None,
                dist_info: DistInfo) -> PseudoLabelStore:
     """The run's pseudo-label store: rank 0 creates (or checks) it, the others open it."""
     path = Path(cfg.pseudo.path) if cfg.pseudo.path else Path(cfg.train.run_dir) / "pseudo_labels.zarr"

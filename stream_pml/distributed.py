@@ -102,13 +102,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather_objects(obj) -> list:
-    """List of every rank's ``obj`` (just ``[obj]`` without a process group)."""
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others (one copy, not one per
+    rank: evaluation's predictions)."""
     if not _group_up():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not _group_up():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_min(value: int) -> int:

@@ -1,5 +1,5 @@
-"""Scoring a split during training: every rank scores its shards, rank results are gathered,
-each sample counted once."""
+"""Scoring a split during training: every rank scores its shards, rank 0 gathers the
+predictions (each sample counted once), scores them and hands the metrics to every rank."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data.batch import Batch, dense_labels
-from .distributed import gather_objects
+from .distributed import broadcast_from_main, gather_to_main
 from .metrics import mean_average_precision_detail, threshold_metrics
 
 
@@ -34,7 +34,11 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], *, num_classes: i
         targets.append(t.cpu().numpy().astype(np.int8))
         known.append(k.cpu().numpy())
     model.train(was_training)
-    parts = gather_objects((rows, scores, targets, known))
+    parts = gather_to_main((rows, scores, targets, known))
+    return broadcast_from_main(_score(parts, calibrate) if parts is not None else None)
+
+
+def _score(parts: list, calibrate: bool) -> tuple[dict, list[float] | None]:
     rows_N, scores_NC, targets_NC, known_NC = (
         np.concatenate([a for p in parts for a in p[j]]) for j in range(4))
     # pad_last_batch may repeat a sample at a shard list's end; keep each row once.

@@ -80,7 +80,8 @@ def _fake_cuda_rank(rank: int, port: int, out) -> None:
             "backend": requested["backend"], "device": str(info.device), "grouped": info.grouped,
             "min": distributed.all_reduce_min(5 - rank),
             "flags": distributed.all_reduce_flags(rank == 1, False),
-            "objects": distributed.gather_objects({"rank": rank}),
+            "gathered": distributed.gather_to_main({"rank": rank}),
+            "broadcast": distributed.broadcast_from_main(f"from {rank}"),
             "sum": [float(v) for v in distributed.all_reduce_sum(torch.tensor(1.5 + rank), torch.tensor(2.0))],
             "cat": distributed.all_gather_cat(torch.arange(3) + 10 * rank).tolist(),
         }
@@ -105,7 +106,8 @@ def test_collectives_are_accepted_by_the_backend_of_their_tensors():
             "CUDA tensors (DDP's gradients) travel over NCCL"
         assert result["device"] == f"cuda:{rank}" and result["grouped"]
         assert result["min"] == 4 and result["flags"] == [True, False]
-        assert result["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert result["gathered"] == ([{"rank": 0}, {"rank": 1}] if rank == 0 else None)
+        assert result["broadcast"] == "from 0"
         assert result["sum"] == [4.0, 4.0]
         assert result["cat"] == [0, 1, 2, 10, 11, 12]
         assert {"all_reduce", "all_gather_into_tensor"} <= set(result["calls"]), "the checks ran"
@@ -130,7 +132,7 @@ def test_without_a_group_collectives_are_local():
 
     assert distributed.all_reduce_min(3) == 3
     assert distributed.all_reduce_flags(True, False) == [True, False]
-    assert distributed.gather_objects("x") == ["x"]
+    assert distributed.gather_to_main("x") == ["x"] and distributed.broadcast_from_main("y") == "y"
     t = torch.arange(4.0)
     assert torch.equal(distributed.all_gather_cat(t), t)
     assert [float(v) for v in distributed.all_reduce_sum(torch.tensor(2.0))] == [2.0]

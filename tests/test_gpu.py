@@ -44,7 +44,7 @@ def _nccl_rank(port: int, out) -> None:
     result.update(
         grouped=info.grouped, device=str(info.device),
         min=distributed.all_reduce_min(7), flags=distributed.all_reduce_flags(True, False),
-        objects=distributed.gather_objects({"a": 1}),
+        objects=distributed.gather_to_main({"a": 1}), broadcast=distributed.broadcast_from_main(3),
         sum=[float(v) for v in distributed.all_reduce_sum(torch.tensor(2.5, device="cuda"),
                                                            torch.tensor(1.0))],
         cat=distributed.all_gather_cat(torch.arange(3)).tolist())
@@ -62,7 +62,7 @@ def test_collectives_run_on_an_nccl_only_group():
     assert result["nccl_took_a_cpu_tensor"] is False, "the check below could not fail"
     assert result["grouped"] and result["device"] == "cuda:0"
     assert result["min"] == 7 and result["flags"] == [True, False]
-    assert result["objects"] == [{"a": 1}]
+    assert result["objects"] == [{"a": 1}] and result["broadcast"] == 3
     assert result["sum"] == [2.5, 1.0] and result["cat"] == [0, 1, 2]
 
 

@@ -1,4 +1,5 @@
-"""Label settings on the real COCO val2014 label matrix (40,137 x 80)."""
+"""Label settings on the real COCO val2014 label matrix (40,137 x 80), and the row-by-row
+form every rank computes from positives alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from stream_pml.labels import make_partial, read_split_labels, setting_hash
+from stream_pml.labels import PartialLabels, entry_uniform, make_partial, read_split_labels, setting_hash
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,46 @@ def test_split_labels_file_matches_the_shards(digits_shards):
             row = int(np.frombuffer(s["row"], "<i8")[0])
             assert np.nonzero(table[row] == 1)[0].tolist() == np.frombuffer(s["pos"], "<i4").tolist()
             assert np.nonzero(table[row] == 0)[0].tolist() == np.frombuffer(s["neg"], "<i4").tolist()
+
+
+@pytest.mark.parametrize("setting, ratio", [("pal", 0.3), ("ppl", 0.6), ("spl", None), ("fal", None)])
+def test_any_rows_in_any_order_get_the_rows_of_the_whole_mask(coco_full, setting, ratio):
+    labels = PartialLabels.from_dense(coco_full, setting, ratio)
+    whole = labels.dense(block_rows=4096)  # built in blocks: blocks must not matter either
+    rows = np.random.default_rng(3).permutation(len(coco_full))[:257]
+    assert np.array_equal(labels.rows(rows), whole[rows])
+    assert np.array_equal(labels.rows(rows[::-1]), whole[rows[::-1]])
+    assert np.array_equal(labels.full(rows), coco_full[rows])
+
+
+def test_setting_hash_names_the_mask_and_the_labels(coco_full):
+    def h(full=coco_full, setting="pal", ratio=0.3, seed=None):
+        return PartialLabels.from_dense(full, setting, ratio, seed).hash
+
+    assert h() == h() and len(h()) == 16
+    other_labels = coco_full.copy()
+    other_labels[0, 0] ^= 1
+    assert len({h(), h(ratio=0.4), h(seed=5), h(setting="ppl"), h(full=other_labels)}) == 5
+
+
+def test_entry_draws_are_uniform_and_independent_of_neighbours():
+    u = entry_uniform(0, 1, np.arange(20_000), 50)
+    assert u.shape == (20_000, 50) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.002 and abs(u.var() - 1 / 12) < 0.001
+    # Adjacent classes and adjacent rows: no correlation a hash of a counter could leak.
+    assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(u[:-1].ravel(), u[1:].ravel())[0, 1]) < 0.01
+    assert not np.array_equal(u, entry_uniform(1, 1, np.arange(20_000), 50))
+    assert not np.array_equal(u, entry_uniform(0, 2, np.arange(20_000), 50))
+
+
+def test_split_setting_reads_positives_only_and_matches_the_dense_form(digits_shards):
+    from shard_tools.manifest import load_manifest
+
+    num_classes = load_manifest(digits_shards).num_classes
+    labels = PartialLabels.from_split(digits_shards, "train", num_classes, "pal", 0.5)
+    full = read_split_labels(digits_shards, "train", num_classes)
+    assert np.array_equal(labels.dense(), make_partial(full, "pal", 0.5))
+    # No (N, C) array is held: only the CSR of positives.
+    held = [v for v in vars(labels).values() if isinstance(v, np.ndarray)]
+    assert sum(v.nbytes for v in held) <= 8 * (len(full) + 1 + int((full == 1).sum()))
