@@ -39,7 +39,21 @@ def class_counts(num_rows: int) -> np.ndarray:
     return np.maximum(1, np.exp(np.interp(np.arange(CLASSES), ranks, np.log(counts))) * scale).astype(np.int64)
 
 
-def fabricate(out: Path, num_rows: int) -> Path:
+def _complement_csr(indptr: np.ndarray, cols: np.ndarray, num_rows: int, block: int = 50_000):
+    """Every class a row does not list, as CSR: the negatives a builder writes for a fully
+    labelled split."""
+    counts, parts = [], []
+    for lo in range(0, num_rows, block):
+        hi = min(lo + block, num_rows)
+        dense = np.ones((hi - lo, CLASSES), dtype=bool)
+        dense[np.repeat(np.arange(hi - lo), np.diff(indptr[lo:hi + 1])), cols[indptr[lo]:indptr[hi]]] = False
+        r, c = np.nonzero(dense)
+        counts.append(np.bincount(r, minlength=hi - lo))
+        parts.append(c.astype(np.int32))
+    return np.concatenate([[0], np.cumsum(np.concatenate(counts))]), np.concatenate(parts)
+
+
+def fabricate(out: Path, num_rows: int, negatives: bool) -> Path:
     from shard_tools.manifest import Manifest, ShardInfo, SplitInfo
 
     if (out / "manifest.json").is_file():
@@ -54,10 +68,13 @@ def fabricate(out: Path, num_rows: int) -> Path:
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num_rows))])
-    # Negatives are the complement of the positives in a fully labelled split; the setting
-    # reads positives only, so the (rows x 600) negative lists are not fabricated.
+    # Negatives are the complement of the positives in a fully labelled split. The label
+    # setting reads positives only; code that reads the negatives (--negatives, for a
+    # "before") needs them written, (rows x ~600) entries.
+    neg_indptr, neg_indices = (_complement_csr(indptr, cols, num_rows) if negatives else
+                               (np.zeros(num_rows + 1, np.int64), np.zeros(0, np.int32)))
     np.savez(out / "train.labels.npz", pos_indptr=indptr, pos_indices=cols.astype(np.int32),
-             neg_indptr=np.zeros(num_rows + 1, np.int64), neg_indices=np.zeros(0, np.int32))
+             neg_indptr=neg_indptr, neg_indices=neg_indices)
     shards = []
     for s in range(-(-num_rows // SHARD)):
         n = min(SHARD, num_rows - s * SHARD)
@@ -73,6 +90,15 @@ def fabricate(out: Path, num_rows: int) -> Path:
     Manifest(dataset="openimages-shaped", classes=[f"/m/{c:05d}" for c in range(CLASSES)], shard_size=SHARD,
              splits={"train": split}).save(out)
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux keeps that across
+    execve, so a child would report its parent's peak (the fabrication's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rank_main(data: str, rank: int, world_size: int, run: str) -> dict:
@@ -94,6 +120,9 @@ def rank_main(data: str, rank: int, world_size: int, run: str) -> dict:
     t = time.perf_counter()
     labels = components.label_table(cfg, loader)
     out["label_setting_s"] = time.perf_counter() - t
+    out["label_state_mb"] = sum(v.nbytes if isinstance(v, np.ndarray) else v.numel() * v.element_size()
+                                for v in vars(labels).values()
+                                if isinstance(v, (np.ndarray, torch.Tensor))) / 2**20
     t = time.perf_counter()
     owned = loader.owned_train_shards(1)
     out["batches_per_epoch"] = loader.num_batches(1)
@@ -107,7 +136,7 @@ def rank_main(data: str, rank: int, world_size: int, run: str) -> dict:
     loader.train_stream(1)  # reads the rank's .idx files and plans the epoch
     out["stream_plan_s"] = time.perf_counter() - t
     out["startup_s"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     rng = np.random.default_rng(rank)
     first = loader.train_split.shards[owned[0]].row_start
     label_ms, store_ms = [], []
@@ -134,13 +163,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", default="bench/results/scale-data")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--code", default=None, help="another checkout to measure as well (before)")
+    ap.add_argument("--negatives", action="store_true",
+                    help="write the negative lists too (code that reads them; rows x ~600 entries)")
     ap.add_argument("--rank-main", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank_main:
         data, rank, world, run = args.rank_main
         print(json.dumps(rank_main(data, int(rank), int(world), run)))
         return {}
-    data = fabricate(Path(args.data + (f"-{args.rows}" if args.rows != 5_600_000 else "")), args.rows)
+    data = fabricate(Path(args.data + (f"-{args.rows}" if args.rows != 5_600_000 else "")
+                          + ("-neg" if args.negatives else "")), args.rows, args.negatives)
     report: dict = {"rows": args.rows, "classes": CLASSES, "shards": -(-args.rows // SHARD), "ranks": args.ranks}
     codes = {"this checkout": str(Path(__file__).resolve().parents[1])}
     if args.code:
@@ -150,7 +182,8 @@ def main(argv=None) -> dict:
         per_rank = []
         for rank in range(args.ranks):
             env = {**os.environ, "PYTHONPATH": code, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run([sys.executable, "-m", "bench.scale", "--rank-main", str(data.resolve()),
+            # This file's rank code, the package of ``code``.
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rank-main", str(data.resolve()),
                                    str(rank), str(args.ranks), str(run.resolve())],
                                   env=env, cwd=code, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -166,7 +199,7 @@ def main(argv=None) -> dict:
     lines = [f"| measure ({args.rows:,} x {CLASSES}, {args.ranks} ranks, medians over ranks) | " +
              " | ".join(codes) + " |", "|---|" + "---|" * len(codes)]
     for key in ("startup_s", "manifest_s", "label_setting_s", "deal_s", "store_open_s", "stream_plan_s",
-                "peak_rss_mb", "labels_ms_per_batch", "store_read_ms_per_batch", "batches_per_epoch"):
+                "label_state_mb", "peak_rss_mb", "labels_ms_per_batch", "store_read_ms_per_batch", "batches_per_epoch"):
         cells = []
         for label in codes:
             vals = [r[key] for r in report[label] if r.get(key) is not None]

@@ -61,7 +61,7 @@ class PartialLabels:
         if setting in ("pal", "ppl") and (ratio is None or not 0.0 < ratio <= 1.0):
             raise ValueError(f"setting {setting} needs a ratio in (0, 1], got {ratio}")
         self.indptr = np.asarray(pos_indptr, dtype=np.int64)
-        self.indices = np.asarray(pos_indices, dtype=np.int64)
+        self.indices = np.asarray(pos_indices, dtype=np.int32)  # class ids
         self.num_rows, self.num_classes = len(self.indptr) - 1, num_classes
         self.setting, self.ratio = setting, ratio
         self.seed = DEFAULT_SEEDS[setting] if seed is None else seed
@@ -93,7 +93,8 @@ class PartialLabels:
     def full(self, rows_B: np.ndarray) -> np.ndarray:
         """int8 (B, C): 1 where the row lists the class, else 0."""
         rows = np.asarray(rows_B, dtype=np.int64)
-        starts, counts = self.indptr[rows], np.diff(self.indptr)[rows]
+        starts = self.indptr[rows]
+        counts = self.indptr[rows + 1] - starts  # O(batch): never a pass over all N rows
         out = np.zeros((len(rows), self.num_classes), dtype=np.int8)
         which = np.repeat(np.arange(len(rows)), counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)

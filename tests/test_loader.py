@@ -140,11 +140,11 @@ def test_normalizer_reuses_its_buffer_and_matches_normalize(channels_last):
     torch.testing.assert_close(norm(last), normalize(last), rtol=0, atol=0)
 
 
-def test_torch_backend_names_the_shard_of_a_corrupt_image(digits_shards, tmp_path):
+def _corrupt_copy(digits_shards, tmp_path):
     import shutil
 
     from shard_tools.manifest import load_manifest, shard_paths
-    from stream_pml.data.torch_stream import TorchShardStream, read_index
+    from stream_pml.data.torch_stream import read_index
 
     copy = tmp_path / "shards"
     shutil.copytree(digits_shards, copy)
@@ -153,10 +153,46 @@ def test_torch_backend_names_the_shard_of_a_corrupt_image(digits_shards, tmp_pat
     with open(tars[1], "r+b") as f:
         f.seek(int(offset))
         f.write(b"\0" * int(size))
+    return tars, idxs, int(offset)
+
+
+def test_torch_backend_skips_counts_and_names_a_corrupt_image(digits_shards, tmp_path):
+    from stream_pml.data.torch_stream import TorchShardStream
+
+    tars, idxs, offset = _corrupt_copy(digits_shards, tmp_path)
+    for train in (False, True):
+        stream = TorchShardStream(tars, idxs, image_size=32, batch_size=8, train=train, flip=False,
+                                  seed=0, num_workers=2, shuffle_buffer=8)
+        with pytest.warns(UserWarning, match=rf"\(1 so far\): .*{Path(tars[1]).name}: sample at byte {offset}"):
+            batches = list(stream)
+        rows = np.concatenate([b.rows_B.numpy() for b in batches])
+        assert len(rows) == 95  # all 96 but the corrupt one: its batch is one smaller
+        assert len(set(rows.tolist())) == len(rows) and 24 + 5 not in rows  # the 2nd shard's 6th row
+        assert stream.builder.bad == [stream.builder.bad[0]] and f"byte {offset}" in stream.builder.bad[0]
+
+
+def test_torch_backend_stops_past_max_bad_samples_naming_the_sample(digits_shards, tmp_path):
+    from stream_pml.data.torch_stream import BadSamples, TorchShardStream
+
+    tars, idxs, offset = _corrupt_copy(digits_shards, tmp_path)
     stream = TorchShardStream(tars, idxs, image_size=32, batch_size=8, train=False, flip=False,
-                              seed=0, num_workers=2)
-    with pytest.raises(ValueError, match=rf"{Path(tars[1]).name}: cannot decode the image at byte {offset}"):
+                              seed=0, num_workers=2, max_bad_samples=0)
+    with pytest.raises(BadSamples, match=rf"{Path(tars[1]).name}: sample at byte {offset} .*max_bad_samples=0"):
         list(stream)
+
+
+def test_torch_backend_skips_the_lost_part_of_a_truncated_shard(digits_shards, tmp_path):
+    from stream_pml.data.torch_stream import TorchShardStream, read_index
+
+    tars, idxs, _ = _corrupt_copy(digits_shards, tmp_path)
+    cut = int(read_index(idxs[3])[20, 0, 0])  # the last shard loses its last 4 samples
+    with open(tars[3], "r+b") as f:
+        f.truncate(cut)
+    stream = TorchShardStream(tars, idxs, image_size=32, batch_size=8, train=False, flip=False,
+                              seed=0, num_workers=1)
+    with pytest.warns(UserWarning, match="truncated shard"):
+        rows = np.concatenate([b.rows_B.numpy() for b in stream])
+    assert len(rows) == 96 - 1 - 4 and len(stream.builder.bad) == 5
 
 
 def test_torch_backend_threads_give_the_same_batches_as_one_thread(digits_shards):
@@ -171,3 +207,15 @@ def test_torch_backend_threads_give_the_same_batches_as_one_thread(digits_shards
 
     for a, b in zip(batches(0), batches(3), strict=True):
         assert torch.equal(a.images_BCHW, b.images_BCHW) and torch.equal(a.rows_B, b.rows_B)
+
+
+def test_an_epoch_that_leaves_samples_out_says_so(digits_shards, capsys):
+    from stream_pml.data.loader import ShardLoader
+
+    # 4 shards of 24 on 3 ranks: one rank holds 2 shards, the batch count follows the others.
+    # More than a batch per rank is left out: said (up to one batch per rank is not news).
+    loader = ShardLoader(_cfg(digits_shards, "torch", batch_size=4), rank=0, world_size=3, seed=0)
+    loader.train_stream(1)
+    assert "epoch 1 trains 72 of 96 samples (75.0%)" in capsys.readouterr().err
+    ShardLoader(_cfg(digits_shards, "torch"), rank=0, world_size=2, seed=0).train_stream(1)
+    assert capsys.readouterr().err == ""  # 2 shards each: nothing left out

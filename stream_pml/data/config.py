@@ -28,6 +28,10 @@ class DataConfig:
     # DALI's shuffle buffer (samples); shards are already shuffled at build time.
     shuffle_buffer: int = 512
     prefetch_depth: int = 2
+    # Unreadable samples (corrupt JPEG, truncated shard) a rank skips in one epoch before the
+    # run stops; each is reported with its shard and byte offset (torch backend; DALI stops
+    # at the first).
+    max_bad_samples: int = 10
     # Label setting applied to the training split (METHOD.md): fal, pal, ppl, spl.
     label_setting: str = "fal"
     label_ratio: Optional[float] = None
@@ -36,6 +40,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.max_bad_samples < 0:
+            raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
         for name in ("image_size", "batch_size", "eval_batch_size", "prefetch_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

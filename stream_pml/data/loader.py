@@ -9,6 +9,7 @@ counts need no communication.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -96,13 +97,20 @@ class ShardLoader:
         """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
         continues exactly where that stream was, ``max_batches`` limits what is left."""
         owned = self.owned_train_shards(epoch)
+        covered, total = self.num_batches(epoch) * self.cfg.batch_size * self.world_size, self.train_split.num_samples
+        if self.rank == 0 and checkpoint is None and covered < total - self.world_size * self.cfg.batch_size:
+            # Whole shards per rank, equal batch counts: the rank with the fewest samples sets
+            # the count. Not silent: a user can rebuild with smaller shards.
+            print(f"epoch {epoch} trains {covered:,} of {total:,} samples ({covered / total:.1%}): "
+                  f"{len(self.train_tars)} shards dealt whole to {self.world_size} ranks; a smaller "
+                  "--shard-size at build time evens the deal", file=sys.stderr, flush=True)
         return self._stream_cls(
             [self.train_tars[i] for i in owned], [self.train_idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
             num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
             shuffle_buffer=self.cfg.shuffle_buffer, prefetch_depth=self.cfg.prefetch_depth,
-            max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
+            max_bad_samples=self.cfg.max_bad_samples, max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
             checkpoint=checkpoint)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
@@ -115,5 +123,5 @@ class ShardLoader:
             [tars[i] for i in owned], [idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
             flip=False, seed=0, num_threads=default_threads(self.cfg),
-            num_workers=default_threads(self.cfg),
+            num_workers=default_threads(self.cfg), max_bad_samples=self.cfg.max_bad_samples,
             prefetch_depth=self.cfg.prefetch_depth))

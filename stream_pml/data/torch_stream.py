@@ -7,6 +7,12 @@ returns the position to resume from exactly.
 The epoch's sample order is computed up front from the shards' index files (each shard's
 DALI ``.idx`` gives every member's byte offset), so samples are read by seeking, a batch is
 a pure function of (seed, batch number), and resuming skips batches without decoding them.
+The order keeps locality as DALI's reader does: shards in a seeded order, each sample
+displaced by a seeded offset within ``shuffle_buffer`` (:func:`epoch_order`), so a rank
+touches one or two shards (store chunks) at a time. A shard file is open only while a batch
+reads from it. A sample that cannot be read or decoded is skipped (the batch is one smaller),
+counted and reported with its shard and byte offset; past ``max_bad_samples`` in an epoch the
+stream stops with :class:`BadSamples`.
 Decoding uses libjpeg-turbo through ``simplejpeg`` (DCT-domain downscaling when the source
 is at least twice the target size), resizing uses torch's uint8 antialiased bilinear
 kernel. ``num_workers`` threads build batches in parallel: both kernels release the GIL,
@@ -30,6 +36,24 @@ import torch
 import torch.nn.functional as F
 
 from .batch import Batch
+
+
+class BadSamples(RuntimeError):
+    """More unreadable samples in one stream than ``data.max_bad_samples`` allows."""
+
+
+def epoch_order(sizes: list[int], seed: int, shuffle_buffer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, sample within shard) of every sample in epoch order: shards in a seeded
+    permutation, then each sample moved forward by a uniform offset in [0, shuffle_buffer)
+    positions: a local shuffle like a shuffle buffer of that size, as a pure function of
+    the seed (no state to save)."""
+    rng = np.random.default_rng(seed)
+    shards = rng.permutation(len(sizes))
+    shard_N = np.concatenate([np.full(sizes[k], k) for k in shards]) if len(sizes) else np.zeros(0, int)
+    local_N = np.concatenate([np.arange(sizes[k]) for k in shards]) if len(sizes) else np.zeros(0, int)
+    keys = np.arange(len(shard_N)) + rng.uniform(0, max(1, shuffle_buffer), len(shard_N))
+    order = np.argsort(keys, kind="stable")
+    return shard_N[order], local_N[order]
 
 
 @dataclass
@@ -83,51 +107,61 @@ def decode_resize(jpeg: bytes, size: int, out: torch.Tensor | None = None) -> to
 class _BatchBuilder:
     """Batch number -> :class:`Batch`; safe to call from several threads at once."""
 
-    def __init__(self, plan: _Plan, image_size: int):
+    def __init__(self, plan: _Plan, image_size: int, max_bad_samples: int):
         self.plan = plan
         self.image_size = image_size
-        self._fds: dict[int, int] = {}
+        self.max_bad_samples = max_bad_samples
+        self.bad: list[str] = []  # "<shard>: sample at byte <offset>: <why>", in the order met
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                if shard not in self._fds:
-                    self._fds[shard] = os.open(self.plan.tars[shard], os.O_RDONLY)
-                fd = self._fds[shard]
-        data = os.pread(fd, size, offset)  # no shared file position between threads
+    def _read(self, fds: dict[int, int], shard: int, offset: int, size: int) -> bytes:
+        if shard not in fds:
+            fds[shard] = os.open(self.plan.tars[shard], os.O_RDONLY)
+        data = os.pread(fds[shard], size, offset)  # no shared file position between threads
         if len(data) != size:
-            raise OSError(f"{self.plan.tars[shard]}: truncated shard (wanted {size} bytes at {offset})")
+            raise OSError(f"truncated shard (wanted {size} bytes at {offset}, got {len(data)})")
         return data
 
-    def close(self) -> None:
+    def _skip(self, shard: int, offset: int, exc: Exception) -> None:
+        import warnings
+
+        where = f"{self.plan.tars[shard]}: sample at byte {offset}"
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds = {}
+            self.bad.append(f"{where}: {type(exc).__name__}: {exc}")
+            count = len(self.bad)
+        if count > self.max_bad_samples:
+            raise BadSamples(f"{where} is the {count}th unreadable sample of this stream, more than "
+                             f"data.max_bad_samples={self.max_bad_samples} ({exc})")
+        warnings.warn(f"skipped unreadable sample ({count} so far): {where}: {exc}", stacklevel=2)
 
     def __getitem__(self, b: int) -> Batch:
         p = self.plan
         lo, hi = b * p.batch_size, min((b + 1) * p.batch_size, len(p.shard_N))
         images = torch.empty((hi - lo, 3, self.image_size, self.image_size), dtype=torch.uint8)
         rows, pos, neg = [], [], []
-        for k, i in enumerate(range(lo, hi)):
-            shard, spans = int(p.shard_N[i]), p.spans_N4x2[i]
-            try:
-                img = decode_resize(self._read(shard, *spans[0]), self.image_size, images[k])
-            except Exception as exc:
-                raise ValueError(f"{p.tars[shard]}: cannot decode the image at byte {spans[0][0]} "
-                                 f"({spans[0][1]} bytes): {exc}") from exc
-            if p.flip_N[i]:
-                images[k] = img.flip(-1)
-            rows.append(np.frombuffer(self._read(shard, *spans[1]), "<i8")[0])
-            pos.append(np.frombuffer(self._read(shard, *spans[2]), "<i4"))
-            neg.append(np.frombuffer(self._read(shard, *spans[3]), "<i4"))
-        return Batch(images, torch.tensor(np.array(rows), dtype=torch.int64),
+        fds: dict[int, int] = {}  # open only for this batch: a bounded number of files at once
+        try:
+            for i in range(lo, hi):
+                shard, spans = int(p.shard_N[i]), p.spans_N4x2[i]
+                k = len(rows)
+                try:
+                    img = decode_resize(self._read(fds, shard, *spans[0]), self.image_size, images[k])
+                    members = [self._read(fds, shard, *spans[j]) for j in (1, 2, 3)]
+                except Exception as exc:
+                    self._skip(shard, int(spans[0][0]), exc)
+                    continue
+                if p.flip_N[i]:
+                    images[k] = img.flip(-1)
+                rows.append(np.frombuffer(members[0], "<i8")[0])
+                pos.append(np.frombuffer(members[1], "<i4"))
+                neg.append(np.frombuffer(members[2], "<i4"))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return Batch(images[:len(rows)], torch.tensor(np.array(rows, dtype=np.int64), dtype=torch.int64),
                      _pad(pos), _pad(neg))
 
 
@@ -142,19 +176,25 @@ def _pad(lists: list[np.ndarray]) -> torch.Tensor:
 class TorchShardStream:
     def __init__(self, tars: list[str], idxs: list[str], *, image_size: int, batch_size: int,
                  train: bool, flip: bool, seed: int, num_workers: int, prefetch_depth: int = 2,
-                 max_batches: int | None = None, checkpoint: str | None = None, **_: object):
+                 shuffle_buffer: int = 512, max_bad_samples: int = 10, max_batches: int | None = None,
+                 checkpoint: str | None = None, **_: object):
         spans = [read_index(i) for i in idxs]
-        shard_N = np.concatenate([np.full(len(s), k) for k, s in enumerate(spans)]) if spans else np.zeros(0, int)
-        spans_N = np.concatenate(spans) if spans else np.zeros((0, 4, 2), np.int64)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(shard_N)) if train else np.arange(len(shard_N))
+        if train:
+            shard_N, local_N = epoch_order([len(s) for s in spans], seed, shuffle_buffer)
+        else:
+            shard_N = np.concatenate([np.full(len(s), k) for k, s in enumerate(spans)]) if spans else np.zeros(0, int)
+            local_N = np.concatenate([np.arange(len(s)) for s in spans]) if spans else np.zeros(0, int)
+        starts = np.concatenate([[0], np.cumsum([len(s) for s in spans])]).astype(np.int64)
+        spans_N = (np.concatenate(spans)[starts[shard_N] + local_N] if len(shard_N)
+                   else np.zeros((0, 4, 2), np.int64))
+        rng = np.random.default_rng([seed, 1])
         flips = (rng.random(len(shard_N)) < 0.5) if (train and flip) else np.zeros(len(shard_N), bool)
-        n = len(order) // batch_size if train else -(-len(order) // batch_size)
+        n = len(shard_N) // batch_size if train else -(-len(shard_N) // batch_size)
         self.start = int(checkpoint) if checkpoint else 0
         self.stop = n if max_batches is None else min(n, self.start + max_batches)
-        plan = _Plan(list(tars), shard_N[order], spans_N[order], flips, batch_size, n)
+        plan = _Plan(list(tars), shard_N, spans_N, flips, batch_size, n)
         self.handed_out = self.start
-        self.builder = _BatchBuilder(plan, image_size)
+        self.builder = _BatchBuilder(plan, image_size, max_bad_samples)
         self.num_workers = num_workers
         # Batches built ahead of the consumer; each holds B x 3 x size^2 bytes.
         self.ahead = max(1, num_workers) * max(1, prefetch_depth)
@@ -169,7 +209,6 @@ class TorchShardStream:
                 batch = self.builder[b]
                 self.handed_out += 1
                 yield batch
-            self.builder.close()
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="shard-decode")
         queued: deque = deque()
@@ -188,4 +227,3 @@ class TorchShardStream:
             for future in queued:
                 future.cancel()
             pool.shutdown(wait=True)
-            self.builder.close()
