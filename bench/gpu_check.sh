@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks, prepared for the device tool (one H100/H200, ~6 minutes of a 15-minute budget).
-# Run from the repository root with the sample data copied into ./shared_data (the device
-# tool carries only the repository): cp -r ../shared/data shared_data  (git-ignored).
+# Run from the repository root. The device machine reaches no network and its image lacks
+# some of our packages (zarr, numcodecs, omegaconf, webdataset, simplejpeg; and DALI, whose
+# 199 MB wheel is too large to carry there: the DALI checks then skip, named). Prepare here:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d wheelhouse zarr numcodecs omegaconf webdataset simplejpeg   # (git-ignored)
+#   cp -r ../shared/data shared_data                                  # (git-ignored)
+# and carry wheelhouse/ and shared_data/.
 # 1. `pytest -m gpu`: an NCCL-only process group, DALI mixed decode, bf16, channels_last,
 #    a kill mid-epoch and a resume that must end bitwise equal (train.deterministic).
 # 2. bench.gpu_check prints one JSON object with resnet50_448_bf16_images_per_s (target
@@ -10,7 +15,21 @@
 # Any failure ends the script with a non-zero status: nothing here passes by accident.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install: no build step, no network
 out="${OUT:-/tmp}"
-python3 -m pip install -q --no-deps -e . >/dev/null
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+if [ -d wheelhouse ]; then
+    python3 -m pip install -q --no-index --find-links wheelhouse zarr numcodecs omegaconf webdataset simplejpeg
+fi
+python3 - <<'PY'
+import importlib, sys
+missing = [m for m in ("torch", "torchvision", "zarr", "numcodecs", "omegaconf", "webdataset", "simplejpeg", "tqdm")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"gpu_check: missing packages {missing}: carry them as wheels (see the top of bench/gpu_check.sh)")
+import torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: no CUDA device visible")
+print("dali:", "installed" if importlib.util.find_spec("nvidia.dali") else "not installed (DALI checks skip)")
+PY
+python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 python3 -m bench.gpu_check 2>&1 | tee "$out/gpu_check.log"

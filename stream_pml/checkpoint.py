@@ -20,8 +20,18 @@ from pathlib import Path
 import torch
 
 PATTERN = re.compile(r"^ckpt-e(\d+)-s(\d+)$")
+RANK_PATTERN = re.compile(r"^rank(\d+)\.pt$")
 MAIN_FILE = "trainer.pt"
 RANK_FILE = "rank{rank}.pt"
+
+
+class ResumeError(ValueError):
+    """A run directory this run cannot continue: the message says why and what to do."""
+
+
+def written_by(path: Path) -> int:
+    """How many processes wrote this (published) checkpoint: one rank file each."""
+    return sum(1 for f in Path(path).iterdir() if RANK_PATTERN.match(f.name))
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

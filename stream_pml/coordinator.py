@@ -75,11 +75,22 @@ class Coordinator:
 
     def resume(self, enabled: bool = True) -> Path | None:
         """Load the newest checkpoint every rank can read into the registered states and
-        bring the store to what it saw; None (store still brought back) when there is none.
-        Checkpoints newer than the one resumed (all of them when ``enabled`` is False) are
-        rolled back and set aside (:func:`checkpoint.set_aside`)."""
+        bring the store to what it saw; None when there is none. Checkpoints newer than the one
+        resumed (none readable by every rank: all) are rolled back and set aside
+        (:func:`checkpoint.set_aside`). Refused (:class:`~stream_pml.checkpoint.ResumeError`)
+        when ``enabled`` is False and checkpoints exist, or they were written by another
+        number of processes."""
         rank = self.dist.rank
         ckpts = ckpt.list_checkpoints(self.run_dir)
+        # Refused before anything is rolled back; every rank sees the same files.
+        if ckpts and not enabled:
+            raise ckpt.ResumeError(
+                f"train.resume=never, but {ckpts[-1].parent} holds {len(ckpts)} checkpoint(s) of an earlier "
+                "run whose pseudo labels are in the store; use a new train.run_dir")
+        if ckpts and ckpt.written_by(ckpts[-1]) != self.dist.world_size:
+            raise ckpt.ResumeError(
+                f"cannot resume from {ckpts[-1]}: written by {ckpt.written_by(ckpts[-1])} processes, this run "
+                f"has {self.dist.world_size}; resume with the same number of processes")
         mine, loaded = ckpt.load_newest(self.run_dir, rank) if enabled else (-1, None)
         index = all_reduce_min(mine)  # every rank resumes from the same checkpoint
         # Newer journals may have reached the store: undone newest first. Older ones not
@@ -103,7 +114,7 @@ class Coordinator:
         for states, objs in ((main_state, self.shared), (rank_state, self.per_rank)):
             missing = [k for k in objs if k not in states]
             if missing:
-                raise ValueError(f"cannot resume from {ckpts[index]}: it holds no {missing} (written "
+                raise ckpt.ResumeError(f"cannot resume from {ckpts[index]}: it holds no {missing} (written "
                                  "by another version of stream-pml; use a new train.run_dir)")
             for key, obj in objs.items():
                 obj.load_state_dict(states[key])

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint import ResumeError
+
 
 class RunIdentity:
     """Checked first on resume: a checkpoint of another world size, dataset, model or run
@@ -38,11 +40,11 @@ class RunIdentity:
         for key, mine in (("world_size", self.world_size), ("manifest", self.manifest),
                           ("arch", self.config["model"]["arch"])):
             if state[key] != mine:
-                raise ValueError(f"cannot resume from {run_dir}: the checkpoint's {key} is "
+                raise ResumeError(f"cannot resume from {run_dir}: the checkpoint's {key} is "
                                  f"{state[key]!r}, this run's is {mine!r} (use a new train.run_dir)")
         then, now = state["config"]["train"]["epochs"], self.config["train"]["epochs"]
         if then != now:
-            raise ValueError(f"cannot resume from {run_dir}: train.epochs was {then}, now {now}; the "
+            raise ResumeError(f"cannot resume from {run_dir}: train.epochs was {then}, now {now}; the "
                              "learning-rate schedule and d are built for the run's length (use a new "
                              "train.run_dir)")
 

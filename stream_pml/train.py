@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shard_tools.manifest import ManifestError
 
+    from .checkpoint import ResumeError
     from .distributed import setup, teardown
     from .trainer import NonFiniteLoss, Trainer
 
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         except ManifestError as exc:
             print(f"data error: {exc}", file=sys.stderr)
             return 2
-        resumed = trainer.maybe_resume()
+        try:
+            resumed = trainer.maybe_resume()
+        except ResumeError as exc:
+            print(f"resume error: {exc}", file=sys.stderr)
+            return 2
         if dist_info.is_main:
             print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "
                   f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)

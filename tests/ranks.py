@@ -164,9 +164,23 @@ def _install_recorder(out: Path, rank: int) -> _Records:
         return values
 
     def write(self, rows_B, probs_BC, previous_BC=None):
+        # What the rows should hold, computed here rather than read back from the store, so
+        # that a wrong blend or encoding cannot agree with itself: the momentum blend of
+        # METHOD.md, then uint8 p x 254 rounded to nearest.
+        probs = probs_BC.detach().float().cpu().numpy().astype(np.float64)
+        m = self.cfg.momentum
+        if m > 0:
+            prev = (previous_BC if previous_BC is not None else real_read(self, rows_B)).cpu().numpy()
+            probs = m * prev.astype(np.float64) + (1 - m) * probs
+        expected = (np.floor(np.clip(probs, 0, 1) * 254 + 0.5) / 254).astype(np.float32)
         real_write(self, rows_B, probs_BC, previous_BC)
-        stored = real_read(self, rows_B)  # what the store now holds for these rows
-        rec.writes.append((rec.epoch, np.asarray(rows_B.cpu()), stored.numpy().copy()))
+        stored = real_read(self, rows_B).numpy()
+        # rint rounds halves to even; a blend lands on an exact half only by chance.
+        mismatch = np.abs(stored - expected) > 0.6 / 254
+        if mismatch.any():
+            raise AssertionError(f"rank {rank} wrote {stored[mismatch][:4]} where {expected[mismatch][:4]} "
+                                 "was due")
+        rec.writes.append((rec.epoch, np.asarray(rows_B.cpu()), stored.copy()))
 
     def train(self):
         try:

@@ -88,20 +88,47 @@ def test_save_then_resume_restores_shared_and_per_rank_states(make):
     assert (progress2.n, rng2.n) == (1, 10)
 
 
-def test_disabled_resume_keeps_fresh_states_and_a_fresh_store(make):
-    coord, store = make()
+def test_disabled_resume_over_an_earlier_run_is_refused_and_changes_nothing(make):
+    coord, store = make(keep=1)
     _states(1, coord)
     store.write(ROWS, _full(0.3))
     coord.save(1, 10)
+    store.write(ROWS, _full(0.6))
+    coord.save(1, 20)  # the first checkpoint is pruned: its journal can no longer be undone
     store.flush()
 
     coord2, store2 = make()
     lin, progress, rng = _states(3, coord2)
     weight = lin.weight.detach().clone()
-    assert coord2.resume(enabled=False) is None
+    with pytest.raises(ckpt.ResumeError, match="train.resume=never"):
+        coord2.resume(enabled=False)
+    # A fresh store could not be had back: refused before anything was rolled back.
     assert torch.equal(lin.weight, weight) and (progress.n, rng.n) == (3, 30)
-    # Fresh states go with a fresh store: the checkpoint's applied journal is rolled back.
-    assert torch.all(store2.read(ROWS) == 0.5)
+    _assert_rows(store2, 0.6)
+    assert len(ckpt.list_checkpoints(coord2.run_dir)) == 1
+
+
+def test_disabled_resume_without_checkpoints_starts_fresh(make):
+    coord, store = make()
+    progress = Counter(4)
+    coord.register("progress", progress)
+    assert coord.resume(enabled=False) is None and progress.n == 4
+    assert torch.all(store.read(ROWS) == 0.5)
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_untouched(make):
+    coord, store = make()
+    coord.register("progress", Counter(1))
+    store.write(ROWS, _full(0.3))
+    saved = coord.save(1, 10)
+    store.flush()
+    (saved / ckpt.RANK_FILE.format(rank=1)).write_bytes((saved / ckpt.RANK_FILE.format(rank=0)).read_bytes())
+    coord2, store2 = make()
+    coord2.register("progress", Counter())
+    with pytest.raises(ckpt.ResumeError, match="written by 2 processes, this run has 1"):
+        coord2.resume()
+    assert ckpt.list_checkpoints(coord2.run_dir) == [saved]
+    _assert_rows(store2, 0.3)
 
 
 def test_resume_without_a_published_checkpoint_returns_none(make, tmp_path):
@@ -178,20 +205,6 @@ def test_a_rolled_back_journal_is_not_reapplied_by_a_later_resume(make):
     coord3, store3 = make()
     assert coord3.resume() == ck3
     _assert_rows(store3, 0.5)  # 0.8 if ck2's journal, listed before ck3, were applied again
-
-
-def test_a_checkpoint_saved_after_a_disabled_resume_survives_pruning(make):
-    coord, store = make(keep=2)
-    coord.save(2, 100)
-    coord.save(2, 200)
-    store.flush()
-    coord2, store2 = make(keep=2)
-    with pytest.warns(UserWarning, match="set aside"):  # train.resume=never in the same run dir
-        assert coord2.resume(enabled=False) is None
-    new = coord2.save(0, 10)
-    store2.flush()
-    # The old run's checkpoints, listed, would sort after the new one, which prune would delete.
-    assert ckpt.list_checkpoints(coord2.run_dir) == [new] and (new / ckpt.MAIN_FILE).is_file()
 
 
 def _other_rank_rewrites_chunk0(other: PseudoLabelStore, ck_dir) -> None:

@@ -29,6 +29,9 @@ EPOCHS = 4
 SHARD_SIZE = 12
 NUM_SHARDS = 8
 NUM_CLASSES = 10
+# Killed at batch 3 of epoch 3 (6 batches an epoch): 15 steps trained, the newest checkpoint
+# (every 2 steps) is step 14, mid-epoch.
+RESUMED_FROM = "checkpoints/ckpt-e0002-s000000014"
 PML_PAPER = {"loss.name": "pml", **{f"loss.params.{k}": v for k, v in PAPER_OPTIONS.items()}}
 
 
@@ -127,7 +130,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_store_follows_its_owners_and_a_kill_in_epoch_3_resumes_bitwise(shards8, tmp_path, case):
+def test_store_follows_its_owners_and_a_kill_in_epoch_3_resumes_bitwise(shards8, tmp_path, case, capfd):
     world_size, extra = CASES[case]
     record, reference, killed = tmp_path / "record", tmp_path / "reference", tmp_path / "killed"
     record.mkdir()
@@ -138,11 +141,13 @@ def test_store_follows_its_owners_and_a_kill_in_epoch_3_resumes_bitwise(shards8,
     # Batch 3 of epoch 3: the newest checkpoint is one step behind, written mid-epoch.
     argv = _argv(shards8, killed, world_size, **extra)
     assert run_ranks(world_size, argv, stop_at=(3, 3)) == [-9] * world_size
+    capfd.readouterr()
     assert run_ranks(world_size, argv) == [0] * world_size
+    assert f"resumed from {killed}/{RESUMED_FROM}" in capfd.readouterr().out
     _assert_bitwise_equal(reference, killed)
 
 
-def test_role_estimator_stays_replicated_and_resumes_bitwise(shards8, tmp_path):
+def test_role_estimator_stays_replicated_and_resumes_bitwise(shards8, tmp_path, capfd):
     record, reference, killed = tmp_path / "record", tmp_path / "reference", tmp_path / "killed"
     record.mkdir()
     extra = {"loss.name": "role"}
@@ -154,5 +159,7 @@ def test_role_estimator_stays_replicated_and_resumes_bitwise(shards8, tmp_path):
 
     argv = _argv(shards8, killed, 2, **extra)
     assert run_ranks(2, argv, stop_at=(3, 3)) == [-9, -9]
+    capfd.readouterr()
     assert run_ranks(2, argv) == [0, 0]
+    assert f"resumed from {killed}/{RESUMED_FROM}" in capfd.readouterr().out
     _assert_bitwise_equal(reference, killed, keys=("model", "estimator"))

@@ -46,7 +46,7 @@ def _nccl_rank(port: int, out) -> None:
         min=distributed.all_reduce_min(7), flags=distributed.all_reduce_flags(True, False),
         objects=distributed.gather_to_main({"a": 1}), broadcast=distributed.broadcast_from_main(3),
         sum=[float(v) for v in distributed.all_reduce_sum(torch.tensor(2.5, device="cuda"),
-                                                           torch.tensor(1.0))],
+                                                           torch.tensor(1.0, device="cuda"))],
         cat=distributed.all_gather_cat(torch.arange(3)).tolist())
     distributed.barrier()
     out["result"] = result
@@ -66,6 +66,20 @@ def test_collectives_run_on_an_nccl_only_group():
     assert result["sum"] == [2.5, 1.0] and result["cat"] == [0, 1, 2]
 
 
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The device machine's image has no DALI (a 199 MB wheel, too large to carry there): the
+# NCCL / bf16 / deterministic path is also checked with the torch backend.
+NEEDS_DALI = pytest.mark.skipif(not _has_dali(), reason="nvidia-dali is not installed")
+
+
+@NEEDS_DALI
 def test_dali_mixed_decode_delivers_batches_on_the_gpu(digits_shards):
     from shard_tools.manifest import load_manifest, shard_paths
     from stream_pml.data.dali import DaliShardStream
@@ -78,25 +92,26 @@ def test_dali_mixed_decode_delivers_batches_on_the_gpu(digits_shards):
     assert batch.images_BCHW.shape == (8, 3, 64, 64) and batch.images_BCHW.dtype == torch.uint8
 
 
-def _argv(shards: Path, run: Path) -> list[str]:
+def _argv(shards: Path, run: Path, backend: str) -> list[str]:
     return tiny_overrides(shards, run, **{
-        "data.backend": "dali", "data.image_size": 64, "model.arch": "resnet18",
+        "data.backend": backend, "data.image_size": 64, "model.arch": "resnet18",
         "model.channels_last": True, "train.amp": True, "train.deterministic": True,
         "train.epochs": 2, "train.checkpoint_every": 4, "train.device": "cuda",
         "data.label_setting": "pal", "data.label_ratio": 0.5, "loss.name": "pml",
         **{f"loss.params.{k}": v for k, v in PAPER_OPTIONS.items()}})
 
 
-def test_killed_gpu_run_resumes_bitwise_equal_on_an_nccl_group(digits_shards, tmp_path):
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=NEEDS_DALI), "torch"])
+def test_killed_gpu_run_resumes_bitwise_equal_on_an_nccl_group(digits_shards, tmp_path, backend):
     import zarr
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert run_ranks(1, _argv(digits_shards, reference), group_backend="nccl") == [0]
+    assert run_ranks(1, _argv(digits_shards, reference, backend), group_backend="nccl") == [0]
     info = json.loads((reference / "run_info.json").read_text())
     assert info["device"].startswith("cuda") and info["amp"] and info["deterministic"]
     # Epoch 2, batch 6: the newest checkpoint (step 16) is two steps behind, mid-epoch.
-    assert run_ranks(1, _argv(digits_shards, killed), stop_at=(2, 6), group_backend="nccl") == [-9]
-    assert run_ranks(1, _argv(digits_shards, killed), group_backend="nccl") == [0]
+    assert run_ranks(1, _argv(digits_shards, killed, backend), stop_at=(2, 6), group_backend="nccl") == [-9]
+    assert run_ranks(1, _argv(digits_shards, killed, backend), group_backend="nccl") == [0]
     states = [torch.load(ckpt.list_checkpoints(r)[-1] / ckpt.MAIN_FILE, map_location="cpu",
                          weights_only=False) for r in (reference, killed)]
     assert states[0]["progress"]["step"] == states[1]["progress"]["step"]

@@ -142,20 +142,29 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(digits_shards, tmp
     _assert_same_run(reference, run)
 
 
-def test_resume_refuses_a_changed_schedule_length(digits_shards, tmp_path):
+def test_resume_refuses_a_changed_schedule_length(digits_shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_single(digits_shards, run, **{"train.epochs": 1})) == 0
-    with pytest.raises(ValueError, match="train.epochs"):
-        main(_single(digits_shards, run, **{"train.epochs": 2}))
+    assert main(_single(digits_shards, run, **{"train.epochs": 2})) == 2
+    assert "train.epochs was 1, now 2" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_changed_world_size(digits_shards, reference_run, tmp_path, capsys):
+def test_resume_refuses_a_changed_world_size_and_keeps_every_checkpoint(digits_shards, reference_run, tmp_path,
+                                                                        capfd):
     import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(reference_run, run)
-    with pytest.raises(ValueError, match="world_size"):
-        main(_single(digits_shards, run, **{"train.epochs": 3}))
+    from .ranks import run_ranks
+
+    fewer, more = tmp_path / "fewer", tmp_path / "more"
+    shutil.copytree(reference_run, fewer)  # 2 processes -> 1
+    assert main(_single(digits_shards, fewer)) == 2
+    assert "written by 2 processes, this run has 1" in capfd.readouterr().err
+    assert main(_single(digits_shards, more, **{"train.epochs": 1})) == 0  # 1 process -> 2
+    before = ckpt.list_checkpoints(more), _final_state(more)[1]
+    assert run_ranks(2, _single(digits_shards, more, **{"train.epochs": 1})) == [2, 2]
+    assert "written by 1 processes, this run has 2" in capfd.readouterr().err
+    # Nothing rolled back or set aside: the run is intact for a resume with 1 process.
+    assert ckpt.list_checkpoints(more) == before[0] and np.array_equal(_final_state(more)[1], before[1])
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(digits_shards, tmp_path):
