@@ -33,7 +33,7 @@ def _spin() -> None:
         pass
 
 
-def epoch_seconds(code: Path, shards: Path, busy: int, epochs: int) -> float:
+def epoch_seconds(code: Path, shards: Path, busy: int, epochs: int, overrides: tuple = ()) -> float:
     hogs = [mp.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(busy)]
     for h in hogs:
         h.start()
@@ -44,7 +44,7 @@ def epoch_seconds(code: Path, shards: Path, busy: int, epochs: int) -> float:
             env["PYTHONPATH"] = str(code)
             cmd = [sys.executable, "-m", "stream_pml.train", "--config", str(REPO / "configs/demo.yaml"),
                    f"data.shards={shards}", "data.val_split=''", "data.test_split=''",
-                   f"train.epochs={epochs}", f"train.run_dir={run}", "train.log_every=1"]
+                   f"train.epochs={epochs}", f"train.run_dir={run}", "train.log_every=1", *overrides]
             proc = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1])

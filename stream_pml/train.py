@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import ResumeError
     from .distributed import setup, teardown
+    from .threads import apply_plan as apply_thread_plan
     from .trainer import NonFiniteLoss, Trainer
 
     if cfg.train.deterministic:  # before any CUDA work
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
         use_deterministic_kernels()
     dist_info = setup(cfg.train.device)
+    apply_thread_plan()
     try:
         try:
             trainer = Trainer(cfg, dist_info)

@@ -149,7 +149,7 @@ class Trainer:
         if main:
             start_run_dir(self.run_dir, self.config_yaml, {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
-                "device": str(self.device), "amp": self.use_amp,
+                "device": str(self.device), "amp": self.use_amp, "compute_threads": torch.get_num_threads(),
                 "deterministic": self.cfg.train.deterministic,
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,

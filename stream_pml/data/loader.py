@@ -8,7 +8,6 @@ counts need no communication.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -42,10 +41,10 @@ def stream_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def default_threads(cfg: DataConfig) -> int:
-    if cfg.num_threads > 0:
-        return cfg.num_threads
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (os.cpu_count() or 1) // local)
+    """Decode threads: ``data.num_threads``, else every core the process owns (threads.py)."""
+    from ..threads import owned_cores
+
+    return cfg.num_threads if cfg.num_threads > 0 else owned_cores()
 
 
 class ShardLoader:
