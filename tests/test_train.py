@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,39 @@ def test_non_finite_loss_stops_with_a_message_and_a_good_checkpoint(digits_shard
     state = torch.load(ckpt.list_checkpoints(run)[-1] / ckpt.MAIN_FILE, weights_only=False)
     assert state["progress"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_corrupt_jpeg_mid_run_is_skipped_and_the_run_ends_normally(digits_shards, tmp_path):
+    import shutil
+
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.torch_stream import read_index
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    tars, idxs = shard_paths(shards, load_manifest(shards).splits["train"])
+    offset, size = read_index(idxs[2])[7, 0]
+    with open(tars[2], "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\0" * int(size))
+    with pytest.warns(UserWarning, match=rf"{Path(tars[2]).name}: sample at byte {offset}"):
+        assert main(tiny_overrides(shards, tmp_path / "run", **{"data.backend": "torch"})) == 0
+
+
+@pytest.mark.slow
+def test_two_thousand_shards_train_under_a_256_file_limit(tmp_path):
+    import resource
+
+    from shard_tools.cli import main as build
+
+    shards = tmp_path / "many"
+    assert build(["build", "digits", "--out", str(shards), "--num-train", "2000", "--num-val", "16",
+                  "--num-test", "16", "--shard-size", "1", "--image-size", "32"]) == 0
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stream_pml.train",
+           *tiny_overrides(shards, run, **{"data.backend": "torch", "data.batch_size": 50})]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # noqa: E731
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test mAP" in proc.stdout
