@@ -142,8 +142,8 @@ def test_two_thousand_shards_train_under_a_256_file_limit(tmp_path):
     from shard_tools.cli import main as build
 
     shards = tmp_path / "many"
-    assert build(["build", "digits", "--out", str(shards), "--num-train", "2000", "--num-val", "16",
-                  "--num-test", "16", "--shard-size", "1", "--image-size", "32"]) == 0
+    assert build(["build", "digits", "--out", str(shards), "--num-train", "2000", "--num-val", "200",
+                  "--num-test", "200", "--shard-size", "1", "--image-size", "32"]) == 0
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "stream_pml.train",
            *tiny_overrides(shards, run, **{"data.backend": "torch", "data.batch_size": 50})]
