@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .manifest import CLASS_ID_DTYPE, ROW_DTYPE, load_manifest, sha256_file
+from .writer import REPORT_NAME, read_report
 
 MEMBERS = ("jpg", "row", "pos", "neg", "json")
 
@@ -77,7 +78,24 @@ def verify(directory: Path) -> int:
         print(p)
     print(f"verified {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards: "
           f"{len(problems)} problems")
+    _print_report_totals(Path(directory), list(manifest.splits))
     return 0 if not problems else 1
+
+
+def _print_report_totals(directory: Path, splits: list[str]) -> None:
+    """What each split's build met, so a problem of an earlier split is not forgotten."""
+    rows = read_report(directory / REPORT_NAME)
+    by_split: dict[str, dict[str, int]] = {}
+    covered = {part for r in rows for part in r["split"].split("+")}
+    for split in splits:
+        if split not in covered:
+            by_split[split] = {}
+    for r in rows:
+        counts = by_split.setdefault(r["split"], {})
+        counts[r["problem"]] = counts.get(r["problem"], 0) + 1
+    for split, counts in by_split.items():
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"build report, split {split}: {sum(counts.values())} problems" + (f" ({detail})" if detail else ""))
 
 
 def inspect(directory: Path, split: str | None, num_images: int) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import coco, cub, digits, listfile, nuswide, openimages, voc
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
-from .writer import BadInput, EncodeOptions, Report, build
+from .writer import REPORT_NAME, BadInput, EncodeOptions, Report, build
 
 # name -> (module-like with add_arguments / build_spec, help, has a --split option)
 DATASETS = {
@@ -80,7 +80,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     for name, split in manifest.splits.items():
         print(f"{name}: {split.num_samples} samples in {len(split.shards)} shards")
     counts = report.counts()
-    print(f"problems: {counts or 'none'} (details in {args.out / 'build_report.csv'})")
+    print(f"problems: {counts or 'none'} (details in {args.out / REPORT_NAME}, "
+          f"split {'+'.join(spec.splits)})")
     print(f"wrote {args.out / MANIFEST_NAME}")
     return 0
 

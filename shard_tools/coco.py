@@ -91,7 +91,7 @@ class Coco:
         from .writer import BuildSpec
 
         classes, records = read_coco(args.images, args.annotations, report)
-        return BuildSpec("coco", classes, {args.split: records}, {args.split: True},
+        return BuildSpec("coco", classes, {args.split: records},
                          source={"annotations": str(args.annotations), "images": str(args.images)})
 
 
@@ -109,5 +109,5 @@ class Yolo:
         from .writer import BuildSpec
 
         classes, records = read_yolo(args.images, args.labels, args.classes, report)
-        return BuildSpec("yolo", classes, {args.split: records}, {args.split: True},
+        return BuildSpec("yolo", classes, {args.split: records},
                          source={"labels": str(args.labels), "images": str(args.images)})

@@ -2,7 +2,8 @@
 
 ``attributes/image_attribute_labels.txt`` lines are ``image attribute is_present certainty
 time``; a few official lines carry an extra field, which is tolerated. is_present 1 =
-positive, 0 = negative (fully labelled, as the research uses it).
+positive, 0 = negative: fully labelled where every image has a line for every attribute
+(the manifest says so only when the data does).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
     attr_index = {a: i for i, (a, _, _) in enumerate(attributes)}
     images = {i: path for i, path, _ in _pairs(_find(root, "images.txt"), report)}
     split_of = {i: flag for i, flag, _ in _pairs(_find(root, "train_test_split.txt"), report)}
-    table = LabelTable(report)
+    table = LabelTable(report, [f"{a} ({name})" for a, name, _ in attributes])
     labels = _find(root, "image_attribute_labels.txt")
     for n, line in enumerate(labels.read_text().splitlines(), 1):
         parts = line.split()
@@ -66,12 +67,12 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
     splits: dict[str, list[Record]] = {"train": [], "test": []}
     for image, rel in images.items():
         key = str(image)
-        if key not in table.pos:
+        if key not in table.ids():
             report.add("image_without_labels", str(root / "images" / rel), "no attribute line",
                        "kept with every attribute unknown")
         split = "train" if split_of.get(image) == "1" else "test"
         splits[split].append(Record(key=rel.rsplit(".", 1)[0].replace("/", "_"),
                                     pos=sorted(table.pos.get(key, ())), neg=sorted(table.neg.get(key, ())),
                                     image_path=str(root / "images" / rel)))
-    return BuildSpec("cub", classes, splits, {"train": True, "test": True},
+    return BuildSpec("cub", classes, splits,
                      source={"root": str(root)})

@@ -80,5 +80,5 @@ def build_spec(args, report):
 
     sizes = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     records = make_records(sizes, image_size=args.image_size, seed=args.seed)
-    return BuildSpec("digits", CLASSES, records, {k: True for k in records},
+    return BuildSpec("digits", CLASSES, records,
                      source={"generator": "sklearn.datasets.load_digits mosaics", "image_size": args.image_size})

@@ -3,7 +3,8 @@ lines (``{"path": ..., "labels": [...], "negatives": [...]}``).
 
 Paths are relative to ``--images``. With ``--absent negative`` (default) a class not listed
 for an image is a negative (full labels); with ``--absent unknown`` it is unknown and only
-listed negatives are negatives.
+listed negatives are negatives. Several lines for one path are merged; a class listed both
+as a label and as a negative for one path (on one line or across lines) is unknown.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import json
 from pathlib import Path
 
+from .sources import LabelTable
 from .writer import BuildSpec, Record, Report
 
 
@@ -55,28 +57,25 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
     else:
         classes = sorted({name for _, _, pos, neg in entries for name in pos + neg})
     class_of = {c: i for i, c in enumerate(classes)}
-    records, seen = [], {}
+    # Lines naming one path are merged, like Open Images rows: each listed class is a row,
+    # so one conflict rule holds across lines and within a line.
+    table = LabelTable(report, classes)
     for where, rel, pos_names, neg_names in entries:
-        if rel in seen:
-            report.add("duplicate_image_id", where, f"{rel} also at {seen[rel]}", "later line ignored")
-            continue
-        seen[rel] = where
-        ids = []
-        for names in (pos_names, neg_names):
-            known = []
+        table.mention(rel, where)
+        for names, positive in ((pos_names, True), (neg_names, False)):
             for name in names:
                 if name in class_of:
-                    known.append(class_of[name])
+                    table.add(rel, class_of[name], positive, where)
                 else:
                     report.add("unknown_class", where, f"class {name!r} not in the class list", "label ignored")
-            ids.append(set(known))
-        pos, neg = ids
-        for c in sorted(pos & neg):
-            report.add("conflicting_labels", where, f"{classes[c]} both positive and negative", "entry made unknown")
-        pos, neg = pos - neg, neg - pos
+    records = []
+    for rel in table.rows:  # first-appearance order, as the file lists them
+        pos, neg = table.pos[rel], table.neg[rel]
         if args.absent == "negative":
-            neg = set(range(len(classes))) - pos - (ids[0] & ids[1])
+            # Only a class no line names is an implied negative: a conflict stays unknown.
+            named = set(table.rows[rel])
+            neg = neg | (set(range(len(classes))) - named)
         records.append(Record(key=rel, pos=sorted(pos), neg=sorted(neg),
                               image_path=str(args.images / rel)))
     return BuildSpec(args.list.suffix.lstrip("."), classes, {args.split: records},
-                     {args.split: args.absent == "negative"}, source={"list": str(args.list)})
+                     source={"list": str(args.list)})

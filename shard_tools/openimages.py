@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_labels(paths: list[Path], mids: list[str], report: Report,
-                machine_threshold: float | None) -> LabelTable:
+                machine_threshold: float | None, names: list[str] | None = None) -> LabelTable:
     class_of = {m: i for i, m in enumerate(mids)}
-    table = LabelTable(report)
+    table = LabelTable(report, [f"{m} ({n})" for m, n in zip(mids, names or mids)])
     outside: dict[str, tuple[str, int]] = {}
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
@@ -76,9 +76,9 @@ def read_labels(paths: list[Path], mids: list[str], report: Report,
 
 def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
     mids, names = read_class_list(args.classes)
-    table = read_labels(args.labels, mids, report, args.machine_threshold)
+    table = read_labels(args.labels, mids, report, args.machine_threshold, names)
     images = index_images(args.images, report)
     records = table.records(images)
-    return BuildSpec("openimages", names, {args.split: records}, {args.split: False},
+    return BuildSpec("openimages", names, {args.split: records},
                      source={"labels": [str(p) for p in args.labels], "classes": str(args.classes),
                              "class_ids": mids, "machine_threshold": args.machine_threshold})

@@ -45,41 +45,110 @@ def read_class_list(path: Path) -> tuple[list[str], list[str]]:
 
 
 class LabelTable:
-    """Observed labels per image id, with conflicts (one class both positive and negative
-    for one image) reported and turned into unknown."""
+    """Observed labels per image id, built from rows of (image, class, positive?).
 
-    def __init__(self, report: Report):
+    The value of an (image, class) is decided from all its rows together, after the last
+    one: rows that all agree give that value (repeats are reported as duplicates); a
+    positive and a negative row, in any order and any number, make it unknown, reported
+    once with every line involved. Deciding row by row instead let a third row bring back
+    a value a conflict had removed (issue 17).
+    """
+
+    def __init__(self, report: Report, class_labels: list[str]):
         self.report = report
-        self.pos: dict[str, set[int]] = {}
-        self.neg: dict[str, set[int]] = {}
+        self.class_labels = class_labels  # how the report names a class: id and name
+        # Open Images has tens of millions of rows: each is kept as one int (file, line,
+        # value), the first row of an (image, class) in ``rows``, any further ones in ``more``.
+        self.rows: dict[str, dict[int, int]] = {}
+        self.more: dict[tuple[str, int], list[int]] = {}
         self.where: dict[str, str] = {}
+        self._files: list[str] = []
+        self._file_index: dict[str, int] = {}
+        self._decided: tuple[dict[str, set[int]], dict[str, set[int]]] | None = None
+
+    def _code(self, where: str, positive: bool) -> int:
+        path, _, line = where.rpartition(":")
+        if not (path and line.isdigit()):
+            path, line = where, "-1"  # not file:line; kept whole
+        f = self._file_index.setdefault(path, len(self._files))
+        if f == len(self._files):
+            self._files.append(path)
+        return ((f << 40 | (int(line) + 1)) << 1) | positive
+
+    def _decode(self, code: int) -> tuple[bool, str]:
+        line = (code >> 1 & (1 << 40) - 1) - 1
+        path = self._files[code >> 41]
+        return bool(code & 1), path if line < 0 else f"{path}:{line}"
 
     def add(self, image_id: str, cls: int, positive: bool, where: str) -> None:
+        self.mention(image_id, where)
+        code = self._code(where, positive)
+        row = self.rows[image_id]
+        if cls in row:
+            self.more.setdefault((image_id, cls), []).append(code)
+        else:
+            row[cls] = code
+
+    def mention(self, image_id: str, where: str) -> None:
+        """List an image without giving it a value (e.g. VOC "difficult")."""
+        if self._decided is not None:
+            # The report already holds the decisions; a late row would go unchecked.
+            raise RuntimeError(f"{where}: label row added after the labels were decided")
         self.where.setdefault(image_id, where)
-        self.pos.setdefault(image_id, set())
-        self.neg.setdefault(image_id, set())
-        mine, other = (self.pos, self.neg) if positive else (self.neg, self.pos)
-        if cls in other[image_id]:
-            self.report.add("conflicting_labels", where, f"image {image_id} class {cls} is both "
-                            "positive and negative", "entry made unknown")
-            other[image_id].discard(cls)
-            return
-        mine[image_id].add(cls)
+        self.rows.setdefault(image_id, {})
 
     def ids(self) -> set[str]:
-        return set(self.pos)
+        return set(self.rows)
+
+    def _decide(self) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+        if self._decided is not None:
+            return self._decided
+        pos: dict[str, set[int]] = {}
+        neg: dict[str, set[int]] = {}
+        for image_id in sorted(self.rows):
+            pos[image_id], neg[image_id] = set(), set()
+            for cls, first in sorted(self.rows[image_id].items()):
+                if (image_id, cls) not in self.more:
+                    (pos if first & 1 else neg)[image_id].add(cls)
+                    continue
+                rows = [self._decode(c) for c in [first, *self.more[(image_id, cls)]]]
+                values = {v for v, _ in rows}
+                lines = ", ".join(w for _, w in rows)
+                name = self.class_labels[cls]
+                if len(values) == 2:
+                    signs = " ".join("+" if v else "-" for v, _ in rows)
+                    self.report.add("conflicting_labels", rows[0][1],
+                                    f"image {image_id} class {name}: positive and negative rows "
+                                    f"({signs}) at {lines}", "entry made unknown")
+                    continue
+                if len(rows) > 1:
+                    self.report.add("duplicate_label", rows[0][1],
+                                    f"image {image_id} class {name}: {len(rows)} identical rows at {lines}",
+                                    "counted once")
+                (pos if rows[0][0] else neg)[image_id].add(cls)
+        self._decided = (pos, neg)
+        return self._decided
+
+    @property
+    def pos(self) -> dict[str, set[int]]:
+        return self._decide()[0]
+
+    @property
+    def neg(self) -> dict[str, set[int]]:
+        return self._decide()[1]
 
     def records(self, images: dict[str, Path], report_unlabelled: bool = True,
                 missing: str = "label_without_image") -> list[Record]:
         """Records for every image found; label rows without an image are reported."""
+        pos, neg = self._decide()
         for image_id in sorted(self.ids() - set(images)):
             self.report.add(missing, self.where[image_id], f"image {image_id} not found",
                             "labels ignored")
         out = []
         for image_id, path in images.items():
-            if image_id not in self.pos and report_unlabelled:
+            if image_id not in self.rows and report_unlabelled:
                 self.report.add("image_without_labels", str(path), "no label row",
                                 "kept with every class unknown")
-            out.append(Record(key=image_id, pos=sorted(self.pos.get(image_id, ())),
-                              neg=sorted(self.neg.get(image_id, ())), image_path=str(path)))
+            out.append(Record(key=image_id, pos=sorted(pos.get(image_id, ())),
+                              neg=sorted(neg.get(image_id, ())), image_path=str(path)))
         return out

@@ -24,7 +24,7 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
     if not files:
         raise FileNotFoundError(f"{main}: no <class>{suffix} files")
     classes = [p.name[: -len(suffix)] for p in files]
-    table = LabelTable(report)
+    table = LabelTable(report, classes)
     for c, path in enumerate(files):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             parts = line.split()
@@ -34,14 +34,12 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
                 report.add("malformed_line", f"{path}:{n}", line[:80], "line skipped")
                 continue
             if parts[1] == "0":
-                table.pos.setdefault(parts[0], set())
-                table.neg.setdefault(parts[0], set())
-                table.where.setdefault(parts[0], f"{path}:{n}")
-                continue  # difficult: unknown
+                table.mention(parts[0], f"{path}:{n}")  # difficult: listed, value unknown
+                continue
             table.add(parts[0], c, parts[1] == "1", f"{path}:{n}")
     all_images = index_images(args.root / "JPEGImages", report, recursive=False)
     # Only the images this image set lists; a listed image that is absent is missing.
     images = {k: v for k, v in all_images.items() if k in table.ids()}
     records = table.records(images, missing="missing_image")
-    return BuildSpec("voc", classes, {args.split: records}, {args.split: False},
+    return BuildSpec("voc", classes, {args.split: records},
                      source={"root": str(args.root), "image_set": args.image_set})

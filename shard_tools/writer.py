@@ -75,15 +75,24 @@ class BadInput(Exception):
     """A sample that cannot be written; the report names it and the build goes on."""
 
 
+REPORT_NAME = "build_report.csv"
+REPORT_FIELDS = ["split", "problem", "where", "detail", "action"]
+
+
 class Report:
-    """Every problem met while building, with where it was and what was done about it."""
+    """Every problem met while building, with where it was and what was done about it.
+
+    Rows carry the split they belong to; rows met before any split is written (label files)
+    belong to every split of the build, written as their names joined by ``+``.
+    """
 
     def __init__(self, strict: bool = False):
         self.strict = strict
+        self.split: str | None = None
         self.rows: list[dict] = []
 
     def add(self, problem: str, where: str, detail: str, action: str) -> None:
-        row = {"problem": problem, "where": where, "detail": detail, "action": action}
+        row = {"split": self.split, "problem": problem, "where": where, "detail": detail, "action": action}
         if self.strict:
             raise BadInput(f"{where}: {problem}: {detail} (strict mode)")
         self.rows.append(row)
@@ -94,11 +103,29 @@ class Report:
             out[row["problem"]] = out.get(row["problem"], 0) + 1
         return out
 
-    def save(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["problem", "where", "detail", "action"])
+    def save(self, path: Path, splits: list[str]) -> None:
+        """Write this build's rows into ``path``, keeping the rows of every other split: a
+        directory holds one report for all its splits, and building ``test`` must not erase
+        what ``train`` found. Rows of a split built again are replaced (they are found again)."""
+        joined = "+".join(splits)
+        rows = [{**r, "split": r["split"] or joined} for r in self.rows]
+        kept = [r for r in read_report(path) if not set(r["split"].split("+")) & set(splits)]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
             w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(kept + rows)
+        tmp.replace(path)
+
+
+def read_report(path: Path) -> list[dict]:
+    """Rows of a build report; a report written before the split column existed gives its
+    rows the split ``?`` (kept, since which split they belong to is not known)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{"split": r.get("split") or "?", **{k: r.get(k) or "" for k in REPORT_FIELDS[1:]}}
+                for r in csv.DictReader(f)]
 
 
 def prepare_image(raw: bytes, enc: EncodeOptions) -> tuple[bytes, tuple[int, int]]:
@@ -251,7 +278,6 @@ def write_split(
     seed: int,
     enc: EncodeOptions,
     report: Report,
-    fully_labelled: bool,
     workers: int = 1,
 ) -> SplitInfo:
     """Shuffle ``records`` with ``seed`` and write them as ``{split}-NNNNNN.tar`` shards.
@@ -276,6 +302,7 @@ def write_split(
         state["bad"] = bad
         _save_state(state_path, state)
     bad_index = set()
+    report.split = split
     for i, problem, detail in state["bad"]:
         rec = records[i]
         report.add(problem, rec.image_path or rec.key, detail, "sample skipped")
@@ -310,6 +337,9 @@ def write_split(
     pos_lists = [sorted(rec.pos) for rec in good]
     neg_lists = [sorted(rec.neg) for rec in good]
     np.savez(out_dir / f"{split}.labels.npz", **_csr("pos", pos_lists), **_csr("neg", neg_lists))
+    # From the data, not the dataset's reputation: one image missing one class's value (no
+    # attribute line, a conflict, a malformed entry) makes the split partially labelled.
+    fully_labelled = all(len(rec.pos) + len(rec.neg) == len(classes) for rec in good)
     return SplitInfo(num_samples=len(good), shards=shards, fully_labelled=fully_labelled,
                      num_positives=sum(map(len, pos_lists)), num_negatives=sum(map(len, neg_lists)),
                      keys_file=keys_file)
@@ -335,7 +365,6 @@ class BuildSpec:
     dataset: str
     classes: list[str]
     splits: dict[str, list[Record]]
-    fully_labelled: dict[str, bool]
     source: dict = field(default_factory=dict)
 
 
@@ -350,9 +379,8 @@ def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
             # Each split gets its own stream so adding a split never reorders another.
             split_seed = int(np.random.SeedSequence([seed, len(split), *split.encode()]).generate_state(1)[0])
             manifest.splits[split] = write_split(records, out_dir, split, spec.classes, shard_size,
-                                                 split_seed, enc, report, spec.fully_labelled[split],
-                                                 workers)
+                                                 split_seed, enc, report, workers)
     finally:
-        report.save(out_dir / "build_report.csv")
+        report.save(out_dir / REPORT_NAME, list(spec.splits))
     manifest.save(out_dir)
     return manifest

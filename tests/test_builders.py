@@ -133,7 +133,10 @@ def test_openimages_human_labels_and_every_bad_input(tmp_path, shared_data):
     assert by["malformed_line"]["where"].endswith("labels.csv:7") or any(
         r["where"].endswith("labels.csv:7") for r in report if r["problem"] == "malformed_line")
     assert "img4.jpg" in by["bad_image"]["where"]
-    assert by["conflicting_labels"]["where"].endswith("labels.csv:5")
+    # One row per conflict, at its first line, naming every line and the class by id and name.
+    conflict = by["conflicting_labels"]
+    assert conflict["where"].endswith("labels.csv:4")
+    assert "labels.csv:5" in conflict["detail"] and "/m/011k07 (Tortoise)" in conflict["detail"]
     got = _samples(out)
     assert set(got) == {"img1", "img2", "img3", "nolabel"}  # img4 corrupt, ghost has no image
     assert got["img1"] == {"pos": {"Tortoise"}, "neg": {"Magpie"}, "jpg": got["img1"]["jpg"]}
@@ -236,11 +239,10 @@ def test_own_list_files(tmp_path, fmt):
     out = tmp_path / "out"
     assert _build(fmt, "--list", tmp_path / f"list.{fmt}", "--images", tmp_path / "imgs",
                   "--classes", tmp_path / "classes.txt", "--out", out, "--absent", "unknown") == 0
-    assert _problems(out) == {"unknown_class": 1, "duplicate_image_id": 1, "conflicting_labels": 1,
-                              "malformed_line": 1}
+    assert _problems(out) == {"unknown_class": 1, "conflicting_labels": 1, "malformed_line": 1}
     got = _samples(out)
     assert got["a.jpg"]["pos"] == {"cat"} and got["a.jpg"]["neg"] == {"dog"}
-    assert got["b.jpg"]["pos"] == {"dog"}
+    assert got["b.jpg"]["pos"] == {"dog", "cat"}  # lines naming one path are merged
     assert got["c.jpg"]["pos"] == got["c.jpg"]["neg"] == set()
     assert Image.open(io.BytesIO(got["p.png"]["jpg"])).format == "JPEG"
 
