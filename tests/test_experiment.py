@@ -115,3 +115,41 @@ def test_grid_in_worker_processes_records_the_same_cells(grid_file, tmp_path):
             return {(r["method"], r["setting"], r["seed"]): r["test_map"] for r in csv.DictReader(f)}
 
     assert cells(tmp_path / "par") == cells(tmp_path / "out")
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_changed_default_reruns_only_its_cells_and_tables_never_mix_them(grid_file, tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from stream_pml.losses import LOSSES
+
+    args = ["--grid", str(grid_file), "seeds=[0]", "settings=[spl]"]
+    assert main(args) == 0
+    first = _rows(tmp_path / "out" / "results.csv")
+    assert len(first) == 2 and all(r["commit"] and len(r["params_hash"]) == 12 for r in first)
+    # One of pml's defaults changes: its cell is trained again, an's is not.
+    monkeypatch.setitem(LOSSES, "pml", dataclasses.replace(LOSSES["pml"], defaults={"q": 0.5}))
+    assert main(args) == 0
+    rows = _rows(tmp_path / "out" / "results.csv")
+    pml = [r for r in rows if r["method"] == "pml"]
+    assert len(rows) == 3 and len(pml) == 2
+    assert pml[0]["params_hash"] != pml[1]["params_hash"]
+    assert [json.loads(r["loss_params"])["q"] for r in pml] == [1.0, 0.5]
+    # The table shows the row of today's parameters, not the older one.
+    line = next(ln for ln in (tmp_path / "out" / "table.md").read_text().splitlines() if ln.startswith("| pml |"))
+    assert line.split("|")[2].strip().strip("*").startswith(f"{100 * float(pml[1]['test_map']):.1f}")
+
+
+def test_rows_of_an_older_results_file_are_kept_and_trained_again(grid_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    old_header = "dataset,method,setting,seed,val_map,test_map,best_epoch,setting_hash,seconds,final_pseudo_mean"
+    (out / "results.csv").write_text(old_header + "\nyeast,an,spl,0,0.5,0.5,1,x,1.0,nan\n")
+    assert main(["--grid", str(grid_file), "seeds=[0]", "settings=[spl]", "methods=[an]"]) == 0
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 2 and rows[0]["params_hash"] == "" and rows[1]["params_hash"]

@@ -1,13 +1,22 @@
 """``python -m stream_pml.experiment --grid configs/experiments/X.yaml``: run a grid, resumably.
 
-Cells already in ``results.csv`` are skipped on a rerun; each finished cell is appended at
-once, so an interrupted grid loses at most the cell in progress.
+Every row of ``results.csv`` carries what its number depends on: the resolved loss
+parameters (defaults included), the training and data settings, the label-mask generator
+(hashed together as ``params_hash``) and the commit. A cell is done only when a row with the
+same (dataset, method, setting, seed, params_hash) exists, so after a default changes a rerun
+trains exactly the cells it changed, and tables are made from the rows of the current
+parameters only. Each finished cell is appended at once, so an interrupted grid loses at
+most the cell in progress.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
+import json
+import subprocess
 import multiprocessing as mp
 import os
 import sys
@@ -22,12 +31,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from ..losses import LOSSES
+from ..labels import MASK_VERSION
+from ..losses import LOSSES, get_loss
 from .linear import VARIANTS, parse_setting, resolve_method, train_cell
 
 SETTINGS = ["fal", "pal0.3", "pal0.6", "pal0.9", "ppl0.3", "ppl0.6", "ppl0.9", "spl"]
 FIELDS = ["dataset", "method", "setting", "seed", "val_map", "test_map", "best_epoch", "setting_hash",
-          "seconds", "final_pseudo_mean"]
+          "seconds", "final_pseudo_mean", "params_hash", "loss_params", "commit"]
 
 
 @dataclass
@@ -124,6 +134,56 @@ def trainer_cell(ds: DatasetConfig, method: str, setting: str, seed: int, out: P
             "seconds": time.perf_counter() - t0, "final_pseudo_mean": float("nan")}
 
 
+def cell_params(cfg: GridConfig, ds: DatasetConfig, method: str) -> dict:
+    """What a cell's result depends on besides (setting, seed): resolved, defaults included."""
+    name, extra = resolve_method(method)
+    data = {k: v for k, v in dataclasses.asdict(ds).items() if k != "name"}
+    if ds.kind == "trainer":
+        from ..config import load_config, to_dict
+
+        resolved = to_dict(load_config(ds.config or None, [*ds.overrides, f"loss.name={name}",
+                                                           *[f"loss.params.{k}={v}" for k, v in extra.items()]]))
+        resolved["train"].pop("run_dir", None)
+        return {"loss": name, "loss_params": get_loss(name, **resolved["loss"]["params"]).resolved(),
+                "config": resolved, "data": data, "masks": MASK_VERSION}
+    return {"loss": name, "loss_params": get_loss(name, **extra).resolved(),
+            "train": dataclasses.asdict(cfg.train), "data": data, "masks": MASK_VERSION}
+
+
+def params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def current_commit() -> str:
+    """The checkout's commit, ``+dirty`` with uncommitted changes to tracked files."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=repo).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _upgrade_header(path: Path) -> None:
+    """Rows of an older results.csv (fewer columns) are rewritten under today's header with
+    the new columns empty: kept as history, never matched as done."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if header == FIELDS:
+        return
+    rows = read_results(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -136,10 +196,17 @@ def run_grid(cfg: GridConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     results_path = out / "results.csv"
-    done = {(r["dataset"], r["method"], r["setting"], int(r["seed"])) for r in read_results(results_path)}
+    _upgrade_header(results_path)
+    done = {(r["dataset"], r["method"], r["setting"], int(r["seed"]), r["params_hash"])
+            for r in read_results(results_path)}
     methods = list(cfg.methods) + ([v for v in VARIANTS] if cfg.ablation else [])
+    params = {(ds.name, m): cell_params(cfg, ds, m) for ds in cfg.datasets for m in methods}
+    hashes = {key: params_hash(p) for key, p in params.items()}
+    current = {(ds.name, m, s, seed, hashes[(ds.name, m)])
+               for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds}
     cells = [(ds, m, s, seed) for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
-    todo = [c for c in cells if (c[0].name, c[1], c[2], c[3]) not in done]
+    todo = [c for c in cells if (c[0].name, c[1], c[2], c[3], hashes[(c[0].name, c[1])]) not in done]
+    commit = current_commit()
     new_file = not results_path.exists()
     if cfg.workers > 1:  # features are extracted once, before the workers need them
         for ds in {ds.name: ds for ds, *_ in todo if ds.kind == "shards"}.values():
@@ -159,14 +226,20 @@ def run_grid(cfg: GridConfig) -> Path:
             pool, rows = None, map(_run_cell, jobs)
         try:
             for ds_name, row in tqdm(rows, total=len(jobs), desc="cells", unit="cell", dynamic_ncols=True):
-                writer.writerow({"dataset": ds_name, **{k: row[k] for k in FIELDS if k in row}})
+                key = (ds_name, row["method"])
+                writer.writerow({"dataset": ds_name, **{k: row[k] for k in FIELDS if k in row},
+                                 "params_hash": hashes[key], "commit": commit,
+                                 "loss_params": json.dumps(params[key]["loss_params"], sort_keys=True)})
                 f.flush()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     from .report import write_report
 
-    write_report(read_results(results_path), out, methods, list(cfg.settings))
+    # Only rows of today's parameters: a table never mixes two defaults.
+    rows_now = [r for r in read_results(results_path)
+                if (r["dataset"], r["method"], r["setting"], int(r["seed"]), r["params_hash"]) in current]
+    write_report(rows_now, out, methods, list(cfg.settings))
     return out
 
 

@@ -113,6 +113,17 @@ class BoundLoss:
             kwargs.update(epoch=epoch)
         return kwargs
 
+    def resolved(self) -> dict:
+        """Every hyper-parameter with the value this loss runs with, defaults included: what
+        a result depends on (a changed default changes it)."""
+        if self.spec.options is not None:
+            opts = dataclasses.asdict(self.spec.options(**self.hparams))
+            return {k: v for k, v in opts.items() if k not in _CALL_ARGS}
+        sig = inspect.signature(self.spec.fn)
+        out = {p: v.default for p, v in sig.parameters.items()
+               if v.kind == v.KEYWORD_ONLY and p not in _CALL_ARGS and v.default is not inspect.Parameter.empty}
+        return {**out, **self.hparams}
+
     def __repr__(self) -> str:
         return f"BoundLoss({self.name!r}, {self.hparams})"
 
