@@ -26,6 +26,44 @@ def versions() -> dict[str, str]:
     return out
 
 
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def lock(run_dir: Path) -> str | None:
+    """Take ``run_dir/.lock`` for this process's life; the reason when another run holds it.
+
+    A second run in the same directory would interleave logs and overwrite checkpoints, best.pt
+    and the store. ``flock`` is released by the kernel however the holder ends (SIGKILL
+    included), so a crashed run never leaves a stale lock behind.
+    """
+    import fcntl
+    import os
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD_LOCKS:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return f"{run_dir} is in use by a run still going ({holder}); wait for it or use another train.run_dir"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}".encode(), 0)
+    _HELD_LOCKS[run_dir] = fd
+    return None
+
+
+def unlock(run_dir: Path) -> None:
+    import os
+
+    fd = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def start(run_dir: Path, config_yaml: str, info: dict) -> None:
     """The resolved config and ``run_info.json`` (seed, world size, device, versions, ...)."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.manifest import ManifestError
 
     from .checkpoint import ResumeError
-    from .distributed import setup, teardown
+    from .distributed import all_reduce_flags, setup, teardown
+    from .run_dir import lock as lock_run_dir
+    from .run_dir import unlock as unlock_run_dir
     from .threads import apply_plan as apply_thread_plan
     from .trainer import NonFiniteLoss, Trainer
 
@@ -33,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = setup(cfg.train.device)
     apply_thread_plan()
     try:
+        # One run per directory: rank 0 holds the lock, every rank stops together.
+        busy = lock_run_dir(Path(cfg.train.run_dir)) if dist_info.is_main else None
+        if all_reduce_flags(busy is not None)[0]:
+            if busy:
+                print(f"run error: {busy}", file=sys.stderr)
+            return 2
         try:
             trainer = Trainer(cfg, dist_info)
         except ManifestError as exc:
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {cfg.train.run_dir}", flush=True)
         return 0
     finally:
+        if dist_info.is_main:
+            unlock_run_dir(Path(cfg.train.run_dir))
         teardown()
 
 

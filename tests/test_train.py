@@ -152,3 +152,26 @@ def test_two_thousand_shards_train_under_a_256_file_limit(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test mAP" in proc.stdout
+
+
+def test_a_second_run_in_the_same_directory_is_refused(digits_shards, tmp_path):
+    """While a run holds its directory (here: another process holding the lock), a second
+    start exits 2 with one line and writes nothing; once the first is gone, it runs."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from stream_pml.run_dir import lock; assert lock(Path(sys.argv[1])) is None; "
+                               "print('held', flush=True); time.sleep(120)", str(run)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, "-m", "stream_pml.train", *tiny_overrides(digits_shards, run)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"run error: {run.resolve()} is in use by a run "
+                                                                f"still going (pid {holder.pid}")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(tiny_overrides(digits_shards, run)) == 0  # the lock went with its holder
