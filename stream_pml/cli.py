@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--folder", type=Path)
     r.add_argument("--shards", type=Path, help="predict every sample of a built split instead")
     r.add_argument("--split", default="test", help="with --shards (default %(default)s)")
-    r.add_argument("--out", type=Path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
-    r.add_argument("--threshold", default="0.5", help="a number, or 'calibrated' (per class, from validation)")
+    r.add_argument("--out", type=_predictions_path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
+    r.add_argument("--threshold", type=_threshold, default="0.5",
+                   help="a number in [0, 1], or 'calibrated' (per class, from validation)")
     r.add_argument("--batch-size", type=int, default=32)
     x = sub.add_parser("export", help="safetensors + JSON (classes, preprocessing) + TorchScript")
     x.add_argument("--checkpoint", required=True, type=Path)
@@ -38,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--data", type=Path, default=Path("data/digits"))
     d.add_argument("overrides", nargs="*")
     return p
+
+
+def _threshold(value: str) -> str:
+    """argparse names the flag in its message: 'argument --threshold: ...'."""
+    if value == "calibrated":
+        return value
+    try:
+        if 0.0 <= float(value) <= 1.0:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{value!r} is not a number in [0, 1] or 'calibrated'")
+
+
+def _predictions_path(value: str) -> Path:
+    path = Path(value)
+    if path.suffix not in (".jsonl", ".csv"):
+        raise argparse.ArgumentTypeError(f"{value}: the format is chosen by suffix, .jsonl or .csv")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +114,10 @@ def _run(args: argparse.Namespace) -> int:
             records, total = inference.predict_files(lm, paths, args.batch_size), len(paths)
         n = inference.write_predictions(records, lm, args.out, args.threshold)
         print(f"{n} of {total} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        if n == 0:  # nothing usable came out: not a success, whatever was written
+            print(f"stream-pml predict: error: none of the {total} images could be read (each one's "
+                  f"error is in {args.out})", file=sys.stderr)
+            return 2
         return 0
     result = inference.export(lm, args.out)
     print(json.dumps(result, indent=1))

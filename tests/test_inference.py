@@ -109,3 +109,21 @@ def test_train_experiment_and_demo_subcommands(digits_shards, tmp_path, shared_d
     assert cli(["demo", "--data", str(tmp_path / "digits"), "train.epochs=1", f"train.run_dir={demo}",
                 "data.image_size=32"]) == 0
     assert (tmp_path / "digits" / "manifest.json").is_file() and (demo / "best.pt").is_file()
+
+
+def test_predict_flags_are_checked_by_name_and_nothing_read_is_an_error(trained, tmp_path, capsys):
+    for flag, value, said in (("--threshold", "abc", "argument --threshold: 'abc' is not a number"),
+                              ("--threshold", "1.5", "argument --threshold: '1.5' is not a number"),
+                              ("--out", str(tmp_path / "x.txt"), "argument --out: ")):
+        with pytest.raises(SystemExit) as exc:
+            cli(["predict", "--checkpoint", str(trained), "--out", str(tmp_path / "p.jsonl"), flag, value,
+                 str(tmp_path / "any.jpg")])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--checkpoint", str(trained), "--out", str(out), str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("stream-pml predict: error: none of the 1 images could be read")
+    assert json.loads(out.read_text())["error"]  # the reason stays on record
