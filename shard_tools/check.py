@@ -85,11 +85,8 @@ def verify(directory: Path) -> int:
 def _print_report_totals(directory: Path, splits: list[str]) -> None:
     """What each split's build met, so a problem of an earlier split is not forgotten."""
     rows = read_report(directory / REPORT_NAME)
-    by_split: dict[str, dict[str, int]] = {}
     covered = {part for r in rows for part in r["split"].split("+")}
-    for split in splits:
-        if split not in covered:
-            by_split[split] = {}
+    by_split: dict[str, dict[str, int]] = {split: {} for split in splits if split not in covered}
     for r in rows:
         counts = by_split.setdefault(r["split"], {})
         counts[r["problem"]] = counts.get(r["problem"], 0) + 1

@@ -87,9 +87,10 @@ class Coordinator:
             raise ckpt.ResumeError(
                 f"train.resume=never, but {ckpts[-1].parent} holds {len(ckpts)} checkpoint(s) of an earlier "
                 "run whose pseudo labels are in the store; use a new train.run_dir")
-        if ckpts and ckpt.written_by(ckpts[-1]) != self.dist.world_size:
+        writers = ckpt.written_by(ckpts[-1]) if ckpts else self.dist.world_size
+        if writers != self.dist.world_size:
             raise ckpt.ResumeError(
-                f"cannot resume from {ckpts[-1]}: written by {ckpt.written_by(ckpts[-1])} processes, this run "
+                f"cannot resume from {ckpts[-1]}: written by {writers} processes, this run "
                 f"has {self.dist.world_size}; resume with the same number of processes")
         mine, loaded = ckpt.load_newest(self.run_dir, rank) if enabled else (-1, None)
         index = all_reduce_min(mine)  # every rank resumes from the same checkpoint

@@ -55,15 +55,14 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def place_model(model: nn.Module, cfg: ModelConfig, device: torch.device, *, compile_model: bool,
+def place_model(model: nn.Module, device: torch.device, *, channels_last: bool, compile_model: bool,
                 ddp: bool, warn: bool) -> tuple[nn.Module, nn.Module]:
     """(the plain model on ``device``, what trains: under torch.compile and DDP when asked).
 
-    channels_last applies on CUDA only, where cuDNN's convolutions gain from it; checkpoints
-    and evaluation use the plain model, whose weights the wrappers share.
+    Checkpoints and evaluation use the plain model, whose weights the wrappers share.
     """
     model = model.to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     wrapped = model
     if compile_model:

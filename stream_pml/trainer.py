@@ -80,11 +80,11 @@ class Trainer:
         self.loader = ShardLoader(cfg.data, dist_info.rank, dist_info.world_size, cfg.train.seed)
         self.num_classes = self.loader.num_classes
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        channels_last = cfg.model.channels_last and self.device.type == "cuda"  # cuDNN gains, CPU not
         self.raw_model, self.model = place_model(  # raw_model: what checkpoints hold
-            build_model(cfg.model, self.num_classes), cfg.model, self.device, compile_model=cfg.train.compile,
-            ddp=dist_info.grouped, warn=dist_info.is_main)
-        self.channels_last = cfg.model.channels_last and self.device.type == "cuda"
-        self.normalize = Normalizer(self.channels_last)
+            build_model(cfg.model, self.num_classes), self.device, channels_last=channels_last,
+            compile_model=cfg.train.compile, ddp=dist_info.grouped, warn=dist_info.is_main)
+        self.normalize = Normalizer(channels_last)
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
             warnings.warn("train.amp has no effect on CPU (bf16 autocast is used on CUDA only)")

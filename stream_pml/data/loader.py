@@ -96,7 +96,8 @@ class ShardLoader:
         """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
         continues exactly where that stream was, ``max_batches`` limits what is left."""
         owned = self.owned_train_shards(epoch)
-        covered, total = self.num_batches(epoch) * self.cfg.batch_size * self.world_size, self.train_split.num_samples
+        num_batches = self.num_batches(epoch)
+        covered, total = num_batches * self.cfg.batch_size * self.world_size, self.train_split.num_samples
         if self.rank == 0 and checkpoint is None and covered < total - self.world_size * self.cfg.batch_size:
             # Whole shards per rank, equal batch counts: the rank with the fewest samples sets
             # the count. Not silent: a user can rebuild with smaller shards.
@@ -109,7 +110,8 @@ class ShardLoader:
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
             num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
             shuffle_buffer=self.cfg.shuffle_buffer, prefetch_depth=self.cfg.prefetch_depth,
-            max_bad_samples=self.cfg.max_bad_samples, max_batches=self.num_batches(epoch) if max_batches is None else max_batches,
+            max_bad_samples=self.cfg.max_bad_samples,
+            max_batches=num_batches if max_batches is None else max_batches,
             checkpoint=checkpoint)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:

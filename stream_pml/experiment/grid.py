@@ -16,9 +16,9 @@ import csv
 import dataclasses
 import hashlib
 import json
-import subprocess
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -184,6 +184,11 @@ def _upgrade_header(path: Path) -> None:
     tmp.replace(path)
 
 
+def _row_key(row: dict) -> tuple:
+    """What makes a results row the result of one cell under one parameter set."""
+    return row["dataset"], row["method"], row["setting"], int(row["seed"]), row["params_hash"]
+
+
 def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -197,15 +202,15 @@ def run_grid(cfg: GridConfig) -> Path:
     (out / "grid.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     results_path = out / "results.csv"
     _upgrade_header(results_path)
-    done = {(r["dataset"], r["method"], r["setting"], int(r["seed"]), r["params_hash"])
-            for r in read_results(results_path)}
+    done = {_row_key(r) for r in read_results(results_path)}
     methods = list(cfg.methods) + ([v for v in VARIANTS] if cfg.ablation else [])
     params = {(ds.name, m): cell_params(cfg, ds, m) for ds in cfg.datasets for m in methods}
     hashes = {key: params_hash(p) for key, p in params.items()}
-    current = {(ds.name, m, s, seed, hashes[(ds.name, m)])
-               for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds}
-    cells = [(ds, m, s, seed) for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
-    todo = [c for c in cells if (c[0].name, c[1], c[2], c[3], hashes[(c[0].name, c[1])]) not in done]
+    # Each cell with the key its row will carry.
+    cells = [((ds, m, s, seed), (ds.name, m, s, seed, hashes[(ds.name, m)]))
+             for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
+    current = {key for _, key in cells}
+    todo = [cell for cell, key in cells if key not in done]
     commit = current_commit()
     new_file = not results_path.exists()
     if cfg.workers > 1:  # features are extracted once, before the workers need them
@@ -237,8 +242,7 @@ def run_grid(cfg: GridConfig) -> Path:
     from .report import write_report
 
     # Only rows of today's parameters: a table never mixes two defaults.
-    rows_now = [r for r in read_results(results_path)
-                if (r["dataset"], r["method"], r["setting"], int(r["seed"]), r["params_hash"]) in current]
+    rows_now = [r for r in read_results(results_path) if _row_key(r) in current]
     write_report(rows_now, out, methods, list(cfg.settings))
     return out
 

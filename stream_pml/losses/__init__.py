@@ -67,13 +67,17 @@ _CALL_ARGS = {"logits_BC", "targets_BC", "known_BC", "pseudo_BC", "epoch", "num_
               "generator", "stats", "sampled_BC", "estimates_BC"}
 
 
+def _keyword_hparams(fn: Callable[..., torch.Tensor]) -> dict[str, inspect.Parameter]:
+    """A loss function's hyper-parameters: its keyword-only parameters a call does not fill."""
+    return {p: v for p, v in inspect.signature(fn).parameters.items()
+            if v.kind == v.KEYWORD_ONLY and p not in _CALL_ARGS}
+
+
 def hparam_names(name: str) -> list[str]:
     spec = LOSSES[name]
     if spec.options is not None:
         return [f.name for f in dataclasses.fields(spec.options) if f.name not in _CALL_ARGS]
-    sig = inspect.signature(spec.fn)
-    return [p for p, v in sig.parameters.items()
-            if v.kind == v.KEYWORD_ONLY and p not in _CALL_ARGS]
+    return list(_keyword_hparams(spec.fn))
 
 
 class BoundLoss:
@@ -118,11 +122,9 @@ class BoundLoss:
         a result depends on (a changed default changes it)."""
         if self.spec.options is not None:
             opts = dataclasses.asdict(self.spec.options(**self.hparams))
-            return {k: v for k, v in opts.items() if k not in _CALL_ARGS}
-        sig = inspect.signature(self.spec.fn)
-        out = {p: v.default for p, v in sig.parameters.items()
-               if v.kind == v.KEYWORD_ONLY and p not in _CALL_ARGS and v.default is not inspect.Parameter.empty}
-        return {**out, **self.hparams}
+            return {k: opts[k] for k in hparam_names(self.name)}
+        defaults = {p: v.default for p, v in _keyword_hparams(self.spec.fn).items() if v.default is not v.empty}
+        return {**defaults, **self.hparams}
 
     def __repr__(self) -> str:
         return f"BoundLoss({self.name!r}, {self.hparams})"
