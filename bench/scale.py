@@ -124,7 +124,11 @@ def rank_main(data: str, rank: int, world_size: int, run: str) -> dict:
                                 for v in vars(labels).values()
                                 if isinstance(v, (np.ndarray, torch.Tensor))) / 2**20
     t = time.perf_counter()
-    owned = loader.owned_train_shards(1)
+    if hasattr(loader, "owned_pieces"):  # pieces of the deal (rows of this rank)
+        owned, mine = loader.owned_pieces(1), loader.deal(1).rows(rank)
+    else:  # whole shards (older checkouts measured with --code)
+        owned = loader.owned_train_shards(1)
+        mine = loader.train_split.shards[owned[0]].row_start + np.arange(SHARD)
     out["batches_per_epoch"] = loader.num_batches(1)
     out["deal_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -138,12 +142,12 @@ def rank_main(data: str, rank: int, world_size: int, run: str) -> dict:
     out["startup_s"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     rng = np.random.default_rng(rank)
-    first = loader.train_split.shards[owned[0]].row_start
     label_ms, store_ms = [], []
     if store is not None:
         store.set_owned_chunks(owned)
     for _ in range(20):
-        rows = torch.from_numpy(first + rng.integers(0, SHARD, 256))
+        # A batch drawn from a shard's worth of the rank's rows, as the shuffle window reads.
+        rows = torch.from_numpy(mine[rng.integers(0, min(SHARD, len(mine)), 256)])
         t = time.perf_counter()
         labels.ids(rows, torch.device("cpu"))
         label_ms.append(1e3 * (time.perf_counter() - t))

@@ -62,10 +62,12 @@ def open_store(cfg: "Config", loader: ShardLoader, labels: PartialLabels | None,
     path = Path(cfg.pseudo.path) if cfg.pseudo.path else Path(cfg.train.run_dir) / "pseudo_labels.zarr"
     identity = {"manifest": loader.manifest.fingerprint(), "split": cfg.data.train_split,
                 "label_setting": labels.hash if labels is not None else "as built"}
-    args = (path, loader.train_split.num_samples, loader.num_classes, loader.manifest.shard_size,
-            identity, cfg.pseudo)
+    args = (path, loader.train_split.num_samples, loader.num_classes, loader.piece_rows, identity, cfg.pseudo)
+    # Four shards' worth of chunks, or of the shuffle window if larger, decoded for reads.
+    window = max(loader.manifest.shard_size, cfg.data.shuffle_buffer)
+    cache = 4 * -(-window // loader.piece_rows)
     if dist_info.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = PseudoLabelStore(*args)
+        store = PseudoLabelStore(*args, cache_chunks=cache)
     barrier()
-    return store if dist_info.is_main else PseudoLabelStore(*args, create=False)
+    return store if dist_info.is_main else PseudoLabelStore(*args, create=False, cache_chunks=cache)

@@ -3,8 +3,9 @@
 0.5 before an image is seen (the array's fill value: a fresh 5.6M x 600 store writes only
 metadata), afterwards the model's last prediction. Invariants (DESIGN.md sections 3 and 5):
 
-- one chunk per shard (``chunk_rows = shard_size``), and a rank writes only the chunks of
-  the shards it owns this epoch (asserted);
+- one chunk per piece of the epoch deal (``chunk_rows = data.piece_rows``, see
+  ``data/deal.py``), and a rank writes only the chunks of the pieces it owns this epoch
+  (asserted);
 - ``write()`` never touches disk: updates since the last checkpoint stay in memory, one
   chunk-sized buffer per touched chunk (bounded by the checkpoint interval; the trainer
   forces a checkpoint when ``pseudo.max_pending_mb`` is exceeded);
@@ -52,8 +53,9 @@ class PseudoConfig:
     path: str = ""
     # Updates held in memory since the last checkpoint; past this a checkpoint is forced.
     max_pending_mb: int = 1024
-    # Decoded chunks kept for reads (a rank reads one or two shards at a time).
-    cache_chunks: int = 4
+    # Decoded chunks kept for reads; 0 = four shards' worth (a rank reads one or two shards
+    # at a time, a chunk is a piece of the deal: data.piece_rows rows).
+    cache_chunks: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.init <= 1.0:
@@ -62,8 +64,8 @@ class PseudoConfig:
             raise ValueError(f"pseudo.momentum must be in [0, 1), got {self.momentum}")
         if self.dtype not in ("uint8", "float16"):
             raise ValueError(f"pseudo.dtype: {self.dtype!r} is not uint8 or float16")
-        if self.max_pending_mb < 1 or self.cache_chunks < 1:
-            raise ValueError("pseudo.max_pending_mb and pseudo.cache_chunks must be >= 1")
+        if self.max_pending_mb < 1 or self.cache_chunks < 0:
+            raise ValueError("pseudo.max_pending_mb must be >= 1 and pseudo.cache_chunks >= 0")
 
 
 class StoreError(RuntimeError):
@@ -134,13 +136,15 @@ class ChunkCodec:
 
 class PseudoLabelStore:
     def __init__(self, path: Path | str, num_rows: int, num_classes: int, chunk_rows: int,
-                 identity: dict, cfg: PseudoConfig, create: bool = True):
+                 identity: dict, cfg: PseudoConfig, create: bool = True, cache_chunks: int = 4):
+        """``cache_chunks``: decoded chunks kept for reads when ``cfg.cache_chunks`` is 0."""
         import zarr
 
         self.path = Path(path)
         self.cfg = cfg
         self.dtype = cfg.dtype
         self.num_rows, self.num_classes, self.chunk_rows = num_rows, num_classes, chunk_rows
+        self.cache_chunks = cfg.cache_chunks or max(1, cache_chunks)
         attrs = {"identity": identity, "num_rows": num_rows, "num_classes": num_classes,
                  "chunk_rows": chunk_rows, "dtype": cfg.dtype, "init": cfg.init}
         if (self.path / "zarr.json").exists():
@@ -206,7 +210,7 @@ class PseudoLabelStore:
     def _remember(self, chunks: dict[int, np.ndarray]) -> None:
         """Add decoded chunks to the read cache, oldest out first (caller holds the lock)."""
         self._cache.update(chunks)
-        while len(self._cache) > self.cfg.cache_chunks:
+        while len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)
 
     def read(self, rows_B: torch.Tensor | np.ndarray) -> torch.Tensor:

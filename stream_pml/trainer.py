@@ -219,7 +219,7 @@ class Trainer:
     def train_epoch(self, epoch: int, step_log: "StepLog | None", signals: "StopOnSignal") -> bool:
         """Train the rest of ``epoch``; False when a signal stopped it (after a checkpoint)."""
         self.model.train()
-        self.coordinator.hand_over(self.loader.owned_train_shards(epoch))
+        self.coordinator.hand_over(self.loader.owned_pieces(epoch))
         num_batches = self.loader.num_batches(epoch)
         self._stream = self.loader.train_stream(epoch, checkpoint=self._resume_stream,
                                                 max_batches=num_batches - self.batch_in_epoch)

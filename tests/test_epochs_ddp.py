@@ -1,5 +1,5 @@
-"""Many ranks, many epochs: shard ownership changes every epoch, the loss reads the pseudo
-labels, and the store stays exactly what the ranks wrote; a run SIGKILLed in epoch 3 and
+"""Many ranks, many epochs: chunk ownership (the deal's pieces) changes every epoch, the loss
+reads the pseudo labels, and the store stays exactly what the ranks wrote; a run SIGKILLed in epoch 3 and
 resumed ends bitwise equal to the uninterrupted one (model and store). ROLE's replicated
 estimator likewise.
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stream_pml import checkpoint as ckpt
-from stream_pml.data.loader import deal_shards
+from stream_pml.data.deal import deal_epoch, default_piece_rows
 from stream_pml.losses.pml import PAPER_OPTIONS
 from stream_pml.pseudo_store import decode
 
@@ -92,12 +92,19 @@ def _check_store_against_writes(record: Path, run: Path, world_size: int) -> Non
     expected = np.full((NUM_SHARDS * SHARD_SIZE, NUM_CLASSES), 0.5, dtype=np.float32)
     last_writer = np.full(len(expected), -1)
     cross_rank_reads = non_initial_reads = 0
+    batch_size = 8 if world_size == 2 else 4
+    piece_rows = default_piece_rows(batch_size, SHARD_SIZE)
+
+    def deal(epoch: int) -> list[list[int]]:
+        pieces = deal_epoch(NUM_SHARDS * SHARD_SIZE, SHARD_SIZE, piece_rows, world_size, batch_size,
+                            0, epoch).pieces
+        return [sorted(p.tolist()) for p in pieces]
+
     for epoch in range(1, EPOCHS + 1):
-        deal = deal_shards(NUM_SHARDS, world_size, 0, epoch)
         for r in range(world_size):
-            assert list(owned[r][epoch - 1]) == deal[r], f"rank {r} owns other chunks in epoch {epoch}"
+            assert list(owned[r][epoch - 1]) == deal(epoch)[r], f"rank {r} owns other chunks in epoch {epoch}"
         if epoch > 1:
-            assert deal != deal_shards(NUM_SHARDS, world_size, 0, epoch - 1), "ownership must change"
+            assert deal(epoch) != deal(epoch - 1), "ownership must change"
         on_disk = decode(np.load(record / f"store-before-e{epoch}.npy"), "uint8")
         assert np.array_equal(on_disk, expected), f"store after the hand-over into epoch {epoch}"
         for r in range(world_size):
@@ -110,7 +117,7 @@ def _check_store_against_writes(record: Path, run: Path, world_size: int) -> Non
         for r in range(world_size):
             sel = writes[r]["epoch"] == epoch
             rows = writes[r]["rows"][sel]
-            assert set((rows // SHARD_SIZE).tolist()) <= set(deal[r]), "a write outside the owned chunks"
+            assert set((rows // piece_rows).tolist()) <= set(deal(epoch)[r]), "a write outside the owned chunks"
             assert len(np.unique(rows)) == len(rows), "a row written twice in one epoch"
             expected[rows] = writes[r]["values"][sel]
             last_writer[rows] = r

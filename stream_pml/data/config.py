@@ -28,6 +28,9 @@ class DataConfig:
     # DALI's shuffle buffer (samples); shards are already shuffled at build time.
     shuffle_buffer: int = 512
     prefetch_depth: int = 2
+    # Rows per piece of the epoch deal, which is also the pseudo-label store's chunk
+    # (data/deal.py); 0 = data.batch_size, so no rank leaves out more than one batch an epoch.
+    piece_rows: int = 0
     # Unreadable samples (corrupt JPEG, truncated shard) a rank skips in one epoch before the
     # run stops; each is reported with its shard and byte offset (torch backend; DALI stops
     # at the first).
@@ -42,6 +45,8 @@ class DataConfig:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {BACKENDS}")
         if self.max_bad_samples < 0:
             raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+        if self.piece_rows < 0:
+            raise ValueError(f"data.piece_rows must be >= 0 (0 = data.batch_size), got {self.piece_rows}")
         for name in ("image_size", "batch_size", "eval_batch_size", "prefetch_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")

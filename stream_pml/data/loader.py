@@ -1,9 +1,9 @@
-"""Which shards each rank reads, and the loaders built on them (DESIGN.md sections 3-4).
+"""Each rank's train and eval streams over a built shard directory (DESIGN.md sections 3-4).
 
-Each epoch deals the training shards to ranks by a permutation of (seed, epoch), so a rank
-owns whole shards (one writer per pseudo-label chunk) and the data order is a pure function
-of (seed, epoch, rank, position). Every rank computes every rank's deal, so equal batch
-counts need no communication.
+Training samples are dealt to ranks each epoch in pieces (:mod:`.deal`): a rank owns its
+pieces' store chunks for the epoch, and its data order is a pure function of (seed, epoch,
+rank, position). Every rank computes every rank's deal, so equal batch counts need no
+communication.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from shard_tools.manifest import Manifest, ManifestError, load_manifest, shard_p
 from .batch import Batch
 from .config import DataConfig
 from .dali import DaliShardStream
+from .deal import DealError, EpochDeal, by_shard, deal_epoch, default_piece_rows
 from .torch_stream import TorchShardStream
 
 
@@ -28,12 +29,6 @@ def resolve_backend(cfg: DataConfig) -> str:
     import torch
 
     return "dali" if torch.cuda.is_available() else "torch"
-
-
-def deal_shards(num_shards: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard indices owned by each rank in ``epoch``; disjoint and covering all shards."""
-    perm = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    return [sorted(perm[r::world_size].tolist()) for r in range(world_size)]
 
 
 def stream_seed(seed: int, epoch: int, rank: int) -> int:
@@ -66,27 +61,30 @@ class ShardLoader:
         for name in (cfg.val_split, cfg.test_split):
             if name:
                 self.eval_shards[name] = shard_paths(self.directory, self.manifest.split(name, self.directory))
-        if len(self.train_tars) < world_size:
-            raise ManifestError(
-                f"{self.directory}: split {cfg.train_split} has {len(self.train_tars)} shards but "
-                f"{world_size} processes; every rank needs a whole shard (rebuild with a smaller "
-                "--shard-size)")
+        self.piece_rows = cfg.piece_rows or default_piece_rows(cfg.batch_size, self.manifest.shard_size)
+        self._deals: dict[int, EpochDeal] = {}
+        self.deal(1)  # too few samples for the ranks: said now
 
     @property
     def num_classes(self) -> int:
         return self.manifest.num_classes
 
-    def num_batches(self, epoch: int) -> int:
-        sizes = [s.num_samples for s in self.train_split.shards]
-        deal = deal_shards(len(sizes), self.world_size, self.seed, epoch)
-        n = min(sum(sizes[i] for i in owned) // self.cfg.batch_size for owned in deal)
-        if n == 0:
-            raise ManifestError(f"{self.directory}: a rank holds fewer than data.batch_size="
-                                f"{self.cfg.batch_size} training samples in epoch {epoch}")
-        return n
+    def deal(self, epoch: int) -> EpochDeal:
+        if epoch not in self._deals:
+            try:
+                self._deals[epoch] = deal_epoch(self.train_split.num_samples, self.manifest.shard_size,
+                                                self.piece_rows, self.world_size, self.cfg.batch_size,
+                                                self.seed, epoch)
+            except DealError as exc:
+                raise ManifestError(f"{self.directory}: split {self.cfg.train_split}: {exc}") from None
+        return self._deals[epoch]
 
-    def owned_train_shards(self, epoch: int) -> list[int]:
-        return deal_shards(len(self.train_tars), self.world_size, self.seed, epoch)[self.rank]
+    def num_batches(self, epoch: int) -> int:
+        return self.deal(epoch).num_batches
+
+    def owned_pieces(self, epoch: int) -> list[int]:
+        """This rank's pieces in ``epoch``: the pseudo-label chunks it alone writes."""
+        return sorted(self.deal(epoch).pieces[self.rank].tolist())
 
     def train_epoch(self, epoch: int) -> Iterator[Batch]:
         return iter(self.train_stream(epoch))
@@ -95,23 +93,23 @@ class ShardLoader:
                      max_batches: int | None = None) -> DaliShardStream | TorchShardStream:
         """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
         continues exactly where that stream was, ``max_batches`` limits what is left."""
-        owned = self.owned_train_shards(epoch)
-        num_batches = self.num_batches(epoch)
-        covered, total = num_batches * self.cfg.batch_size * self.world_size, self.train_split.num_samples
-        if self.rank == 0 and checkpoint is None and covered < total - self.world_size * self.cfg.batch_size:
-            # Whole shards per rank, equal batch counts: the rank with the fewest samples sets
-            # the count. Not silent: a user can rebuild with smaller shards.
-            print(f"epoch {epoch} trains {covered:,} of {total:,} samples ({covered / total:.1%}): "
-                  f"{len(self.train_tars)} shards dealt whole to {self.world_size} ranks; a smaller "
-                  "--shard-size at build time evens the deal", file=sys.stderr, flush=True)
+        deal = self.deal(epoch)
+        left_out = sum(deal.left_out(r) for r in range(self.world_size))
+        if self.rank == 0 and checkpoint is None and left_out:
+            total = self.train_split.num_samples
+            # Not silent; bounded by the deal at one piece per rank, other pieces next epoch.
+            print(f"epoch {epoch} trains {total - left_out:,} of {total:,} samples ({left_out} left out: "
+                  f"pieces of {self.piece_rows} rows dealt to {self.world_size} ranks, "
+                  f"{deal.num_batches} batches each)", file=sys.stderr, flush=True)
+        shards, positions = by_shard(deal.rows(self.rank), self.manifest.shard_size)
         return self._stream_cls(
-            [self.train_tars[i] for i in owned], [self.train_idxs[i] for i in owned],
+            [self.train_tars[i] for i in shards], [self.train_idxs[i] for i in shards], samples=positions,
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
             num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
             shuffle_buffer=self.cfg.shuffle_buffer, prefetch_depth=self.cfg.prefetch_depth,
             max_bad_samples=self.cfg.max_bad_samples,
-            max_batches=num_batches if max_batches is None else max_batches,
+            max_batches=deal.num_batches if max_batches is None else max_batches,
             checkpoint=checkpoint)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
