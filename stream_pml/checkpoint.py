@@ -99,19 +99,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: tuple(int(g) for g in PATTERN.match(p.name).groups()))
 
 
-def load(path: Path, rank: int) -> tuple[dict, dict]:
+def load(path: Path, rank: int, world_size: int | None = None) -> tuple[dict, list[dict]]:
+    """``trainer.pt`` and the per-rank states: this rank's alone when the checkpoint was
+    written by ``world_size`` processes (or ``world_size`` is None), else every old rank's
+    (a resume on another world size re-deals them)."""
     main = torch.load(path / MAIN_FILE, map_location="cpu", weights_only=False)
-    mine = torch.load(path / RANK_FILE.format(rank=rank), map_location="cpu", weights_only=False)
-    return main, mine
+    writers = main.get("world_size", written_by(path))
+    ranks = [rank] if world_size is None or writers == world_size else range(writers)
+    return main, [torch.load(path / RANK_FILE.format(rank=r), map_location="cpu", weights_only=False)
+                  for r in ranks]
 
 
-def load_newest(run_dir: Path, rank: int) -> tuple[int, tuple[dict, dict] | None]:
+def load_newest(run_dir: Path, rank: int, world_size: int | None = None) -> tuple[int, tuple[dict, list[dict]] | None]:
     """(index in :func:`list_checkpoints`, its loaded states) of the newest checkpoint this
-    rank can load, or (-1, None). A corrupt or partial one is skipped with a warning naming it."""
+    rank can load, or (-1, None). A damaged or partial one (a file missing or unreadable) is
+    skipped with a warning naming it; one written by another number of processes is not."""
     ckpts = list_checkpoints(run_dir)
     for i in range(len(ckpts) - 1, -1, -1):
         try:
-            return i, load(ckpts[i], rank)
+            return i, load(ckpts[i], rank, world_size)
         except Exception as exc:  # a truncated file raises from several layers
             warnings.warn(f"skipping unreadable checkpoint {ckpts[i]}: {type(exc).__name__}: {exc}")
     return -1, None

@@ -7,6 +7,11 @@ optimizer, scheduler, ROLE's estimator, progress) and saved once by rank 0 in
 ``rank{r}.pt``. The pseudo-label store is the third kind, rank-owned: each rank journals its
 own chunks into the checkpoint (DESIGN.md section 5).
 
+A checkpoint written by another number of processes resumes too (DESIGN.md section 8): the
+shared states load as always, each new rank applies (or rolls back) the journals of the old
+ranks ``r`` with ``r % world_size == rank``, and per-rank states are handed every old rank's
+state through ``load_resharded`` (a state without it refuses the change in one line).
+
 The hand-over at each epoch start is where chunk ownership moves between ranks: every rank
 waits for its journals to reach Zarr, all ranks meet, and only then does each take its new
 chunks and drop cached chunks it no longer owns. Without it a rank could read a chunk that its
@@ -15,6 +20,7 @@ previous owner is still writing, or serve an epochs-old cached copy and journal 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -39,6 +45,7 @@ class Coordinator:
         self.keep = keep
         self.shared: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
+        self.resumed_world_size: int | None = None  # processes that wrote the resumed checkpoint
 
     def register(self, key: str, obj: Stateful, *, per_rank: bool = False) -> None:
         """Add ``obj`` under ``key``; states load in registration order (register the
@@ -62,7 +69,8 @@ class Coordinator:
         ckpt.save_file(tmp / ckpt.RANK_FILE.format(rank=rank),
                        {k: obj.state_dict() for k, obj in self.per_rank.items()})
         if main:
-            ckpt.save_file(tmp / ckpt.MAIN_FILE, {k: obj.state_dict() for k, obj in self.shared.items()})
+            ckpt.save_file(tmp / ckpt.MAIN_FILE, {"world_size": self.dist.world_size,
+                                                  **{k: obj.state_dict() for k, obj in self.shared.items()}})
         barrier()
         final = tmp.with_name(tmp.name[: -len(".tmp")])
         if main:
@@ -73,32 +81,36 @@ class Coordinator:
             ckpt.prune(self.run_dir, self.keep)
         return final
 
+    def _old_ranks(self, ckpt_dir: Path) -> list[int]:
+        """The old ranks whose journals in ``ckpt_dir`` this rank applies or rolls back."""
+        found = {int(m.group(1)) for f in ckpt_dir.iterdir()
+                 if (m := re.fullmatch(r"pseudo-rank(\d+)\.(?:journal|undo)\.npz", f.name))}
+        return sorted(r for r in found if r % self.dist.world_size == self.dist.rank)
+
     def resume(self, enabled: bool = True) -> Path | None:
         """Load the newest checkpoint every rank can read into the registered states and
         bring the store to what it saw; None when there is none. Checkpoints newer than the one
         resumed (none readable by every rank: all) are rolled back and set aside
         (:func:`checkpoint.set_aside`). Refused (:class:`~stream_pml.checkpoint.ResumeError`)
-        when ``enabled`` is False and checkpoints exist, or they were written by another
-        number of processes."""
-        rank = self.dist.rank
+        when ``enabled`` is False and checkpoints exist."""
+        world = self.dist.world_size
         ckpts = ckpt.list_checkpoints(self.run_dir)
         # Refused before anything is rolled back; every rank sees the same files.
         if ckpts and not enabled:
             raise ckpt.ResumeError(
                 f"train.resume=never, but {ckpts[-1].parent} holds {len(ckpts)} checkpoint(s) of an earlier "
                 "run whose pseudo labels are in the store; use a new train.run_dir")
-        writers = ckpt.written_by(ckpts[-1]) if ckpts else self.dist.world_size
-        if writers != self.dist.world_size:
-            raise ckpt.ResumeError(
-                f"cannot resume from {ckpts[-1]}: written by {writers} processes, this run "
-                f"has {self.dist.world_size}; resume with the same number of processes")
-        mine, loaded = ckpt.load_newest(self.run_dir, rank) if enabled else (-1, None)
+        mine, loaded = ckpt.load_newest(self.run_dir, self.dist.rank, world) if enabled else (-1, None)
         index = all_reduce_min(mine)  # every rank resumes from the same checkpoint
+        if ckpts and index < 0:  # never a silent fresh start over days of training
+            raise ckpt.ResumeError(f"{ckpts[-1].parent} holds {len(ckpts)} checkpoint(s) and none is readable "
+                                   "by every rank (see the warnings); move them away to start afresh")
         # Newer journals may have reached the store: undone newest first. Older ones not
         # marked applied are applied oldest first. A chunk's writer changes between epochs,
         # so every rank finishes one checkpoint before any rank starts the next.
         for newer in reversed(ckpts[index + 1:]):
-            self.store.rollback_journal(newer, rank)
+            for old in self._old_ranks(newer):
+                self.store.rollback_journal(newer, old)
             barrier()
             # Its timeline is given up: listed again, it would sort before the next
             # checkpoint and its journal be re-applied over newer rows (or prune the new run's).
@@ -106,19 +118,29 @@ class Coordinator:
                 ckpt.set_aside(newer)
             barrier()
         for older in ckpts[: index + 1]:
-            self.store.apply_journal(older, rank)
+            for old in self._old_ranks(older):
+                self.store.apply_journal(older, old)
             barrier()
         if index < 0:
             return None
         # The states loaded while looking are reused unless another rank chose an older one.
-        main_state, rank_state = loaded if index == mine else ckpt.load(ckpts[index], rank)
-        for states, objs in ((main_state, self.shared), (rank_state, self.per_rank)):
+        main_state, rank_states = loaded if index == mine else ckpt.load(ckpts[index], self.dist.rank, world)
+        self.resumed_world_size = main_state.get("world_size", world if len(rank_states) == 1 else len(rank_states))
+        for states, objs in ((main_state, self.shared), (rank_states[0], self.per_rank)):
             missing = [k for k in objs if k not in states]
             if missing:
                 raise ckpt.ResumeError(f"cannot resume from {ckpts[index]}: it holds no {missing} (written "
-                                 "by another version of stream-pml; use a new train.run_dir)")
-            for key, obj in objs.items():
-                obj.load_state_dict(states[key])
+                                       "by another version of stream-pml; use a new train.run_dir)")
+        for key, obj in self.shared.items():
+            obj.load_state_dict(main_state[key])
+        for key, obj in self.per_rank.items():
+            if self.resumed_world_size == world:
+                obj.load_state_dict(rank_states[0][key])
+            elif hasattr(obj, "load_resharded"):
+                obj.load_resharded([s[key] for s in rank_states])
+            else:
+                raise ckpt.ResumeError(f"cannot resume {ckpts[index]} (written by {self.resumed_world_size} "
+                                       f"processes) with {world}: state {key!r} cannot be re-dealt")
         return ckpts[index]
 
     # -- epochs ----------------------------------------------------------------------------

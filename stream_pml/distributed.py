@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,13 @@ def setup(device_pref: str = "auto") -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+            # Measured with torch 2.14 (gloo): the restarted group read the failed attempt's
+            # addresses from torchrun's shared store and could not connect (pytorch#135712).
+            warnings.warn("torchrun shares its rendezvous store with the workers, so a restarted group "
+                          "may fail to connect: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                          "(README, \"Resume\")", stacklevel=2)
         dist.init_process_group(backend=CUDA_BACKEND if use_cuda else "gloo")
     if _group_up():
         rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -64,11 +64,21 @@ def unlock(run_dir: Path) -> None:
         os.close(fd)
 
 
-def start(run_dir: Path, config_yaml: str, info: dict) -> None:
-    """The resolved config and ``run_info.json`` (seed, world size, device, versions, ...)."""
+def start(run_dir: Path, config_yaml: str, info: dict, resume: dict | None = None) -> None:
+    """A new run writes its resolved config and ``run_info.json`` (seed, world size, device,
+    versions, ...). A resumed run leaves both as the run began and appends ``resume`` (step,
+    world sizes, the keys that changed, the command line) to ``run_info.json``'s
+    ``resumes``, so the record says how every part of the run was trained."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    write_json(run_dir / "run_info.json", {**info, "versions": versions()})
+    info_path = run_dir / "run_info.json"
+    if resume is None or not info_path.exists():
+        (run_dir / "config.yaml").write_text(config_yaml)
+        record = {**info, "versions": versions(), "resumes": []}
+    else:
+        record = json.loads(info_path.read_text())
+    if resume is not None:
+        record.setdefault("resumes", []).append({**resume, "argv": sys.argv, "versions": versions()})
+    write_json(info_path, record)
 
 
 class CsvLog:

@@ -21,15 +21,40 @@ import torch
 from .checkpoint import ResumeError
 
 
+# Config keys that may differ at resume: cadence, logging and throughput knobs that do not
+# change what is trained, the data's location (its manifest fingerprint is still checked),
+# and train.epochs (extending a run; the schedule follows the new total). The number of
+# processes may change too (elastic.py). Anything else is refused, naming the key.
+MAY_CHANGE_AT_RESUME = (
+    "train.epochs", "train.checkpoint_every", "train.eval_every", "train.log_every",
+    "train.keep_checkpoints", "train.resume", "train.run_dir", "data.shards", "data.num_threads",
+    "data.prefetch_depth", "data.max_bad_samples", "pseudo.max_pending_mb", "pseudo.cache_chunks",
+)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 class RunIdentity:
-    """Checked first on resume: a checkpoint of another world size, dataset, model or run
-    length is refused with what differs."""
+    """Checked first on resume: a checkpoint of another dataset, or of a run configured
+    otherwise outside :data:`MAY_CHANGE_AT_RESUME`, is refused with the key that differs.
+    After a load, ``changed`` maps each allowed key that differs to (old, new), and
+    ``resumed_world_size`` is the checkpoint's number of processes."""
 
     def __init__(self, config: dict, world_size: int, manifest: str, classes: list[str]):
         self.config = config
         self.world_size = world_size
         self.manifest = manifest
         self.classes = classes
+        self.changed: dict[str, tuple] = {}
+        self.resumed_world_size: int | None = None
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "manifest": self.manifest,
@@ -37,24 +62,30 @@ class RunIdentity:
 
     def load_state_dict(self, state: dict) -> None:
         run_dir = self.config["train"]["run_dir"]
-        for key, mine in (("world_size", self.world_size), ("manifest", self.manifest),
-                          ("arch", self.config["model"]["arch"])):
-            if state[key] != mine:
-                raise ResumeError(f"cannot resume from {run_dir}: the checkpoint's {key} is "
-                                 f"{state[key]!r}, this run's is {mine!r} (use a new train.run_dir)")
-        then, now = state["config"]["train"]["epochs"], self.config["train"]["epochs"]
-        if then != now:
-            raise ResumeError(f"cannot resume from {run_dir}: train.epochs was {then}, now {now}; the "
-                             "learning-rate schedule and d are built for the run's length (use a new "
-                             "train.run_dir)")
+        if state["manifest"] != self.manifest:
+            raise ResumeError(f"cannot resume {run_dir}: its shards' manifest is {state['manifest']!r}, these "
+                              f"are {self.manifest!r} (another dataset or build; use a new train.run_dir)")
+        then, now = flatten(state["config"]), flatten(self.config)
+        self.changed = {}
+        for key in sorted(set(then) | set(now)):
+            old, new = then.get(key, "<absent>"), now.get(key, "<absent>")
+            if old == new:
+                continue
+            if key not in MAY_CHANGE_AT_RESUME:
+                raise ResumeError(f"cannot resume {run_dir}: {key} was {old!r}, now {new!r}; at resume only "
+                                  "the number of processes and the keys listed in README \"Resume\" may "
+                                  "change (use a new train.run_dir for another setting)")
+            self.changed[key] = (old, new)
+        self.resumed_world_size = state["world_size"]
 
 
 class RandomStates:
     """Every random generator one rank draws from."""
 
-    def __init__(self, generator: torch.Generator, device: torch.device):
+    def __init__(self, generator: torch.Generator, device: torch.device, reseed: Callable[[], int]):
         self.generator = generator
         self.device = device
+        self.reseed = reseed  # a seed for this rank at the resumed step (another world size)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
@@ -68,6 +99,15 @@ class RandomStates:
         random.setstate(state["python"])
         if state["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Another world size: no old rank's generators belong to this rank; every generator
+        is seeded from (seed, rank, step), so the resumed run is still reproducible."""
+        seed = self.reseed()
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
 
 class StreamPosition:
@@ -83,6 +123,9 @@ class StreamPosition:
 
     def load_state_dict(self, state: dict) -> None:
         self.resume_at(state["loader"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        self.resume_at(None)  # the rest of the epoch is re-dealt: a new stream (elastic.py)
 
 
 def use_deterministic_kernels() -> None:

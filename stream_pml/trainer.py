@@ -21,6 +21,7 @@ from . import components
 from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags
+from .elastic import EpochPlan, TrainedRows, after_resume
 from .evaluation import evaluate
 from .model import settle_ddp_buckets
 from .run_dir import StepLog, plot_map_curve, write_csv, write_json
@@ -97,8 +98,8 @@ class Trainer:
             self.estimator = components.build_estimator(cfg, self.loader, self.labels, self.device)
             params.append({"params": self.estimator.parameters()})
         self.optimizer = build_optimizer(params, cfg.optim)
-        total_steps = sum(self.loader.num_batches(e) for e in range(1, cfg.train.epochs + 1))
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)  # by progress, not steps
+        self.plan, self.trained = EpochPlan(self.loader), TrainedRows()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(np.random.SeedSequence([cfg.train.seed, dist_info.rank, 7])
                                        .generate_state(1)[0]))
@@ -107,19 +108,23 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._resume_stream: str | None = None
+        self._resume_record: dict | None = None
         self._stream = None
         self._val_thresholds: list[float] | None = None
         self.coordinator = Coordinator(self.run_dir, dist_info, self.store, cfg.train.keep_checkpoints)
-        shared = {"run": RunIdentity(self.config_dict, dist_info.world_size, self.loader.manifest.fingerprint(),
-                                     self.loader.manifest.classes),
-                  "model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                  "estimator": self.estimator, "progress": self}
+        self.identity = RunIdentity(self.config_dict, dist_info.world_size, self.loader.manifest.fingerprint(),
+                                    self.loader.manifest.classes)
+        shared = {"run": self.identity, "model": self.raw_model, "optimizer": self.optimizer,
+                  "scheduler": self.scheduler, "estimator": self.estimator, "progress": self, "plan": self.plan}
         for key, obj in shared.items():
             if obj is not None:
                 self.coordinator.register(key, obj)
         self.coordinator.register("stream", StreamPosition(self._stream_checkpoint, self._set_resume_stream),
                                   per_rank=True)
-        self.coordinator.register("rng", RandomStates(self.generator, self.device), per_rank=True)
+        reseed = lambda: int(np.random.SeedSequence([cfg.train.seed, dist_info.rank, 7, self.step])  # noqa: E731
+                             .generate_state(1)[0])
+        self.coordinator.register("rng", RandomStates(self.generator, self.device, reseed), per_rank=True)
+        self.coordinator.register("trained", self.trained, per_rank=True)
 
     # -- state: the run's progress (the rest is registered with the coordinator) -----------
     def state_dict(self) -> dict:
@@ -127,6 +132,9 @@ class Trainer:
                 "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["epoch"] > self.cfg.train.epochs:
+            raise ckpt.ResumeError(f"cannot resume {self.run_dir}: it trained {state['epoch']} epochs, more "
+                                   f"than train.epochs={self.cfg.train.epochs}")
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.step, self.history = state["step"], state["history"]
 
@@ -138,7 +146,13 @@ class Trainer:
         self._resume_stream = checkpoint
 
     def maybe_resume(self) -> Path | None:
-        return self.coordinator.resume(enabled=self.cfg.train.resume == "auto")
+        resumed = self.coordinator.resume(enabled=self.cfg.train.resume == "auto")
+        if resumed is not None:
+            self._resume_record = after_resume(self, resumed)
+        return resumed
+
+    def _progress(self) -> float:
+        return self.plan.progress(self.epoch + 1, self.batch_in_epoch, self.cfg.train.epochs)
 
     def save_checkpoint(self) -> Path:
         return self.coordinator.save(self.epoch, self.step)
@@ -146,6 +160,7 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
     def train(self) -> dict:
         main = self.dist.is_main
+        self.scheduler.set_progress(self._progress())  # also after a resume that extended the run
         if main:
             start_run_dir(self.run_dir, self.config_yaml, {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
@@ -154,7 +169,7 @@ class Trainer:
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
-                "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)})
+                "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)}, self._resume_record)
         step_log = StepLog(self.run_dir) if main else None
         val, size = self.cfg.data.val_split, self.cfg.data.image_size
         settle_ddp_buckets(self.model, self.raw_model, self.normalize(torch.zeros(
@@ -165,6 +180,7 @@ class Trainer:
                     if not self.train_epoch(epoch, step_log, signals):
                         return {"stopped": True, "step": self.step}
                     self.epoch, self.batch_in_epoch = epoch, 0
+                    self.plan.epoch_done(epoch)
                     if val and (epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs):
                         self._validate(epoch, step_log)
                     self.save_checkpoint()
@@ -219,10 +235,14 @@ class Trainer:
     def train_epoch(self, epoch: int, step_log: "StepLog | None", signals: "StopOnSignal") -> bool:
         """Train the rest of ``epoch``; False when a signal stopped it (after a checkpoint)."""
         self.model.train()
-        self.coordinator.hand_over(self.loader.owned_pieces(epoch))
-        num_batches = self.loader.num_batches(epoch)
-        self._stream = self.loader.train_stream(epoch, checkpoint=self._resume_stream,
-                                                max_batches=num_batches - self.batch_in_epoch)
+        deal = self.plan.deal(epoch)
+        self.coordinator.hand_over(deal.pieces[self.dist.rank].tolist())
+        num_batches = deal.num_batches
+        if self.batch_in_epoch == 0:
+            self.trained.clear()
+        self._stream = self.loader.train_stream(epoch, checkpoint=self._resume_stream, deal=deal,
+                                                max_batches=num_batches - self.batch_in_epoch,
+                                                generation=self.plan.generation(epoch))
         self._resume_stream = None
         batches = iter(self._stream)
         bar = tqdm(total=num_batches, initial=self.batch_in_epoch, desc=f"epoch {epoch}/{self.cfg.train.epochs}",
@@ -236,12 +256,14 @@ class Trainer:
             wait_s += time.perf_counter() - t0
             stats = self.train_step(batch, epoch)
             self.batch_in_epoch = i + 1
+            self.trained.add(batch.rows_B)
+            self.scheduler.set_progress(self._progress())
             bar.update(1)
             images_seen += batch.size
             if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
                 now = time.perf_counter()
                 elapsed = max(now - t_last, 1e-9)
-                step_log.step({"epoch": epoch, "step": self.step, **stats,
+                step_log.step({"epoch": epoch, "step": self.step, "world_size": self.dist.world_size, **stats,
                                "lr": self.scheduler.get_last_lr()[0],
                                "images_per_s": images_seen * self.dist.world_size / elapsed,
                                "data_wait_share": wait_s / elapsed})
@@ -291,7 +313,6 @@ class Trainer:
         if self.estimator is not None:
             self.estimator.average_grad_over_ranks(batch.rows_B)
         self.optimizer.step()
-        self.scheduler.step()
         self.step += 1
         if self.loss_fn.uses_pseudo:
             self.store.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()), pseudo_BC)

@@ -3,7 +3,8 @@ would, with two optional instruments inside every rank:
 
 - ``record_dir``: every pseudo-label read and write (epoch, rows, values), the chunks each
   rank owns per epoch, the store on disk right after each epoch hand-over (rank 0), and each
-  rank's ROLE estimator at the end;
+  rank's ROLE estimator at the end; also written after every checkpoint, so a killed run's
+  records reach exactly its newest checkpoint;
 - ``group_backend``: a process group the rank makes itself before ``main`` (e.g. NCCL-only
   on a GPU, as a launcher or a user's own code might), which the trainer must then use;
 - ``stop_at=(epoch, batch)``: every rank stops itself (SIGSTOP) at the start of that batch's
@@ -127,8 +128,9 @@ class _Records:
                          epoch=np.concatenate([np.full(len(r), e) for e, r, _ in items]),
                          rows=np.concatenate([r for _, r, _ in items]),
                          values=np.concatenate([v for _, _, v in items]))
-        np.save(self.out / f"owned-rank{self.rank}.npy",
-                np.array([self.owned[e] for e in sorted(self.owned)]), allow_pickle=True)
+        owned = np.empty(len(self.owned), dtype=object)  # per epoch; lengths differ
+        owned[:] = [self.owned[e] for e in sorted(self.owned)]
+        np.save(self.out / f"owned-rank{self.rank}.npy", owned, allow_pickle=True)
         if self.estimator is not None:
             np.save(self.out / f"estimator-rank{self.rank}.npy", self.estimator)
 
@@ -142,7 +144,7 @@ def _install_recorder(out: Path, rank: int) -> _Records:
     from stream_pml.trainer import Trainer
 
     rec = _Records(out, rank)
-    real_epoch, real_hand_over = Trainer.train_epoch, Coordinator.hand_over
+    real_epoch, real_hand_over, real_save = Trainer.train_epoch, Coordinator.hand_over, Coordinator.save
     real_read, real_write, real_train = PseudoLabelStore.read, PseudoLabelStore.write, Trainer.train
 
     def train_epoch(self, epoch, *a, **kw):
@@ -189,6 +191,12 @@ def _install_recorder(out: Path, rank: int) -> _Records:
             if self.estimator is not None:
                 rec.estimator = self.estimator.logits_NC.detach().cpu().numpy()
 
+    def save(self, *a, **kw):
+        path = real_save(self, *a, **kw)
+        rec.dump()
+        return path
+
     Trainer.train_epoch, Coordinator.hand_over, Trainer.train = train_epoch, hand_over, train
+    Coordinator.save = save
     PseudoLabelStore.read, PseudoLabelStore.write = read, write
     return rec

@@ -116,19 +116,58 @@ def test_disabled_resume_without_checkpoints_starts_fresh(make):
     assert torch.all(store.read(ROWS) == 0.5)
 
 
-def test_a_checkpoint_of_another_world_size_is_refused_untouched(make):
+class Resharded(Counter):
+    def load_resharded(self, states: list[dict]) -> None:
+        self.old = [st["n"] for st in states]
+
+
+def test_a_checkpoint_of_another_world_size_is_resharded(make):
+    """A checkpoint of 2 processes resumed by 1: every old rank's journal reaches the store,
+    per-rank states get every old rank's state, a state that cannot be re-dealt refuses."""
     coord, store = make()
     coord.register("progress", Counter(1))
-    store.write(ROWS, _full(0.3))
+    coord.register("position", Resharded(5), per_rank=True)
+    store.write(ROWS[ROWS < 20], torch.full((int((ROWS < 20).sum()), 6), 0.3))
     saved = coord.save(1, 10)
     store.flush()
-    (saved / ckpt.RANK_FILE.format(rank=1)).write_bytes((saved / ckpt.RANK_FILE.format(rank=0)).read_bytes())
+    # What a second rank of that run left: its own rows (chunks 5-6), journaled, not applied.
+    other_rows = torch.arange(50, 70, 2)
+    store.write(other_rows, torch.full((len(other_rows), 6), 0.7))
+    store.save_journal(saved, 1)
+    store.discard_pending()
+    torch.save({"position": {"n": 6}}, saved / ckpt.RANK_FILE.format(rank=1))
+    main_state = torch.load(saved / ckpt.MAIN_FILE, weights_only=False)
+    torch.save({**main_state, "world_size": 2}, saved / ckpt.MAIN_FILE)
+
     coord2, store2 = make()
     coord2.register("progress", Counter())
-    with pytest.raises(ckpt.ResumeError, match="written by 2 processes, this run has 1"):
+    position = Resharded()
+    coord2.register("position", position, per_rank=True)
+    assert coord2.resume() == saved and coord2.resumed_world_size == 2
+    assert position.old == [5, 6]
+    torch.testing.assert_close(store2.read(other_rows), torch.full((len(other_rows), 6), 0.7), atol=ATOL, rtol=0)
+    torch.testing.assert_close(store2.read(ROWS[ROWS < 20]), torch.full((int((ROWS < 20).sum()), 6), 0.3),
+                               atol=ATOL, rtol=0)
+
+    coord3, _ = make()
+    coord3.register("progress", Counter())
+    coord3.register("position", Counter(), per_rank=True)
+    with pytest.raises(ckpt.ResumeError, match="state 'position' cannot be re-dealt"):
+        coord3.resume()
+
+
+def test_checkpoints_none_of_which_is_readable_stop_the_run(make):
+    """Never a silent fresh start over a run's checkpoints."""
+    coord, store = make()
+    coord.register("progress", Counter(1))
+    saved = coord.save(1, 10)
+    store.flush()
+    (saved / ckpt.MAIN_FILE).write_bytes(b"damaged")
+    coord2, _ = make()
+    coord2.register("progress", Counter())
+    with pytest.warns(UserWarning, match="skipping unreadable"), \
+            pytest.raises(ckpt.ResumeError, match="none is readable by every rank"):
         coord2.resume()
-    assert ckpt.list_checkpoints(coord2.run_dir) == [saved]
-    _assert_rows(store2, 0.3)
 
 
 def test_resume_without_a_published_checkpoint_returns_none(make, tmp_path):

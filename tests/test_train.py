@@ -50,7 +50,8 @@ def test_resume_refuses_a_different_model(digits_shards, tmp_path, capsys):
     assert main(tiny_overrides(digits_shards, run)) == 0
     assert main(tiny_overrides(digits_shards, run, **{"model.arch": "resnet18", "train.epochs": 2})) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("resume error: cannot resume from") and "arch" in err[-1]
+    assert err[-1].startswith("resume error: cannot resume") and \
+        "model.arch was 'mobilenet_v3_small', now 'resnet18'" in err[-1]
 
 
 @pytest.mark.slow

@@ -57,6 +57,9 @@ class EpochDeal:
     piece_rows: int
     batch_size: int
     pieces: tuple[np.ndarray, ...]  # per rank: piece ids, in the deal's order
+    # Per rank: the row ids themselves, when pieces are not whole (the rest of an epoch
+    # re-dealt after a resume on another world size, :func:`deal_rows`).
+    explicit: tuple[np.ndarray, ...] | None = None
 
     @property
     def world_size(self) -> int:
@@ -66,6 +69,8 @@ class EpochDeal:
         return np.minimum(self.num_rows, (pieces + 1) * self.piece_rows) - pieces * self.piece_rows
 
     def num_samples(self, rank: int) -> int:
+        if self.explicit is not None:
+            return len(self.explicit[rank])
         return int(self.piece_sizes(self.pieces[rank]).sum())
 
     @property
@@ -75,6 +80,8 @@ class EpochDeal:
 
     def rows(self, rank: int) -> np.ndarray:
         """Row ids of the rank's pieces, piece by piece in the deal's order."""
+        if self.explicit is not None:
+            return self.explicit[rank]
         pieces = self.pieces[rank]
         if not len(pieces):
             return np.zeros(0, dtype=np.int64)
@@ -96,6 +103,27 @@ def deal_epoch(num_rows: int, shard_size: int, piece_rows: int, world_size: int,
     cuts = [len(order) * r // world_size for r in range(world_size + 1)]
     return EpochDeal(num_rows, piece_rows, batch_size,
                      tuple(order[cuts[r]:cuts[r + 1]] for r in range(world_size)))
+
+
+def deal_rows(rows: np.ndarray, num_rows: int, piece_rows: int, world_size: int,
+              batch_size: int) -> EpochDeal:
+    """Deal an arbitrary set of rows (what is left of an epoch) by whole pieces: each piece,
+    in row order, goes to the rank with the fewest rows so far (lowest rank on ties). A rank
+    then holds at most one piece more than the least loaded (the rank that took the last
+    piece of the most loaded one was the least loaded then), so the one-batch bound holds."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    pieces, starts, counts = np.unique(rows // piece_rows, return_index=True, return_counts=True)
+    if len(pieces) < world_size:
+        raise DealError(f"{len(rows)} rows left in {len(pieces)} pieces, fewer than the {world_size} processes")
+    load = np.zeros(world_size, dtype=np.int64)
+    owner = np.empty(len(pieces), dtype=np.int64)
+    for i, count in enumerate(counts.tolist()):  # O(pieces x ranks), once per resume
+        owner[i] = int(np.argmin(load))
+        load[owner[i]] += count
+    mine = [np.flatnonzero(owner == r) for r in range(world_size)]
+    explicit = tuple(np.concatenate([rows[starts[i]:starts[i] + counts[i]] for i in m]) if len(m)
+                     else np.zeros(0, np.int64) for m in mine)
+    return EpochDeal(num_rows, piece_rows, batch_size, tuple(pieces[m] for m in mine), explicit)
 
 
 def default_piece_rows(batch_size: int, shard_size: int) -> int:

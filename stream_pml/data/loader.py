@@ -31,8 +31,10 @@ def resolve_backend(cfg: DataConfig) -> str:
     return "dali" if torch.cuda.is_available() else "torch"
 
 
-def stream_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def stream_seed(seed: int, epoch: int, rank: int, generation: int = 0) -> int:
+    """A rank's stream seed; ``generation`` counts re-deals of the epoch (elastic.py)."""
+    key = [seed, epoch, rank] + ([generation] if generation else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def default_threads(cfg: DataConfig) -> int:
@@ -89,11 +91,12 @@ class ShardLoader:
     def train_epoch(self, epoch: int) -> Iterator[Batch]:
         return iter(self.train_stream(epoch))
 
-    def train_stream(self, epoch: int, checkpoint: str | None = None,
-                     max_batches: int | None = None) -> DaliShardStream | TorchShardStream:
-        """This rank's stream for ``epoch``; ``checkpoint`` (a stream's ``checkpoint()``)
-        continues exactly where that stream was, ``max_batches`` limits what is left."""
-        deal = self.deal(epoch)
+    def train_stream(self, epoch: int, checkpoint: str | None = None, max_batches: int | None = None,
+                     deal: EpochDeal | None = None, generation: int = 0) -> DaliShardStream | TorchShardStream:
+        """This rank's stream for ``epoch`` (under ``deal``, by default the ordinary one);
+        ``checkpoint`` (a stream's ``checkpoint()``) continues exactly where that stream
+        was, ``max_batches`` limits what is left."""
+        deal = deal if deal is not None else self.deal(epoch)
         left_out = sum(deal.left_out(r) for r in range(self.world_size))
         if self.rank == 0 and checkpoint is None and left_out:
             total = self.train_split.num_samples
@@ -105,7 +108,7 @@ class ShardLoader:
         return self._stream_cls(
             [self.train_tars[i] for i in shards], [self.train_idxs[i] for i in shards], samples=positions,
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
-            flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank),
+            flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank, generation),
             num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
             shuffle_buffer=self.cfg.shuffle_buffer, prefetch_depth=self.cfg.prefetch_depth,
             max_bad_samples=self.cfg.max_bad_samples,
