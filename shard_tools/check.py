@@ -74,10 +74,19 @@ def verify(directory: Path) -> int:
             problems += _verify_shard(Path(directory), shard, manifest.num_classes)
             bar.update(shard.num_samples)
     bar.close()
+    listed = {s.name for split in manifest.splits.values() for s in split.shards}
+    listed |= {n[: -len(".tar")] + ".idx" for n in listed if n.endswith(".tar")}
+    # A file the manifest does not list (an earlier build's, say) is trained on by anyone who
+    # globs the directory: reported, never silent.
+    for stray in sorted(p.name for p in Path(directory).iterdir() if p.suffix in (".tar", ".idx")):
+        if stray not in listed:
+            problems.append(f"{Path(directory) / stray}: not listed in the manifest (left by another build?)")
+    num_shards = sum(len(s.shards) for s in manifest.splits.values())
+    # The count first: a summary that leads with "verified" reads as a pass.
+    print(f"{len(problems)} problems in {num_shards} shards ({total} samples)" +
+          (":" if problems else ": verified"))
     for p in problems:
         print(p)
-    print(f"verified {total} samples in {sum(len(s.shards) for s in manifest.splits.values())} shards: "
-          f"{len(problems)} problems")
     _print_report_totals(Path(directory), list(manifest.splits))
     return 0 if not problems else 1
 

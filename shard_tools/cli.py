@@ -34,6 +34,9 @@ def _common(p: argparse.ArgumentParser, has_split: bool) -> None:
     p.add_argument("--max-side", type=int, default=0, help="re-encode with the longest side capped")
     p.add_argument("--quality", type=int, default=0, help="re-encode at this JPEG quality")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another build found in --out (its files that the new manifest does not "
+                        "list are deleted); without it such a build is refused")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for decoding and writing (default: all cores)")
 
@@ -69,10 +72,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if (args.out / MANIFEST_NAME).exists():
         existing = load_manifest(args.out)
         if existing.classes != spec.classes or existing.shard_size != args.shard_size:
-            raise ManifestError(f"{args.out / MANIFEST_NAME}: holds a dataset with other classes or "
-                                "shard size; use a new --out directory")
+            if not args.overwrite:
+                raise ManifestError(f"{args.out / MANIFEST_NAME}: holds a dataset with other classes or "
+                                    "shard size; use --overwrite to replace it or a new --out directory")
+            _remove_build(args.out, existing)
+            existing = None
     enc = EncodeOptions(max_side=args.max_side, quality=args.quality)
-    manifest = build(spec, args.out, args.shard_size, args.seed, enc, report, workers=args.workers)
+    manifest = build(spec, args.out, args.shard_size, args.seed, enc, report, workers=args.workers,
+                     overwrite=args.overwrite)
     if existing is not None:
         for name, split in existing.splits.items():
             manifest.splits.setdefault(name, split)
@@ -84,6 +91,16 @@ def cmd_build(args: argparse.Namespace) -> int:
           f"split {'+'.join(spec.splits)})")
     print(f"wrote {args.out / MANIFEST_NAME}")
     return 0
+
+
+def _remove_build(out: Path, manifest) -> None:
+    """Every file of the build ``manifest`` describes (shards, indexes, per-split files)."""
+    for name in manifest.splits:
+        for pattern in (f"{name}-*.tar", f"{name}-*.idx", f"{name}.*"):
+            for path in out.glob(pattern):
+                path.unlink()
+    for path in (out / MANIFEST_NAME, out / REPORT_NAME):
+        path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,12 +23,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, type=Path, help="folder the paths are relative to")
     p.add_argument("--classes", type=Path, help="one class name per line (default: every name seen, sorted)")
     p.add_argument("--absent", choices=["negative", "unknown"], default="negative")
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of --list (default %(default)s); a line that does not decode is "
+                        "reported with its file and line and skipped")
 
 
-def _entries(path: Path, report: Report):
+def _lines(path: Path, encoding: str, report: Report) -> list[tuple[int, str]]:
+    """(line number, text) of every line that decodes; the others are reported."""
+    out = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            out.append((n, raw.decode(encoding)))
+        except UnicodeDecodeError as exc:
+            report.add("undecodable_line", f"{path}:{n}",
+                       f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not {encoding} "
+                       "(see --encoding)", "line skipped")
+    return out
+
+
+def _entries(path: Path, report: Report, encoding: str = "utf-8"):
     """(where, image path, positive names, negative names) per usable line."""
+    lines = _lines(path, encoding, report)
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in lines:
             if not line.strip():
                 continue
             try:
@@ -37,21 +54,25 @@ def _entries(path: Path, report: Report):
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 report.add("malformed_line", f"{path}:{n}", f"{type(exc).__name__}: {line[:60]}", "line skipped")
         return
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or header[:2] != ["path", "labels"]:
-            raise ValueError(f"{path}:1: expected a header path,labels[,negatives], found {header}")
-        for n, row in enumerate(reader, 2):
-            if len(row) not in (2, 3) or not row[0]:
-                report.add("malformed_line", f"{path}:{n}", ",".join(row)[:80], "line skipped")
-                continue
-            split = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
-            yield f"{path}:{n}", row[0], split(row[1]), split(row[2]) if len(row) == 3 else []
+    header = next(csv.reader([lines[0][1]]), None) if lines and lines[0][0] == 1 else None
+    if not header or header[:2] != ["path", "labels"]:
+        raise ValueError(f"{path}:1: expected a header path,labels[,negatives], found {header}")
+    rows = [(n, line) for n, line in lines[1:] if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: the list has a header and no rows")
+    names = lambda s: [x.strip() for x in s.split("|") if x.strip()]  # noqa: E731
+    for n, line in rows:
+        row = next(csv.reader([line]), [])
+        if len(row) not in (2, 3) or not row[0]:
+            report.add("malformed_line", f"{path}:{n}", ",".join(row)[:80], "line skipped")
+            continue
+        yield f"{path}:{n}", row[0], names(row[1]), names(row[2]) if len(row) == 3 else []
 
 
 def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
-    entries = list(_entries(args.list, report))
+    entries = list(_entries(args.list, report, args.encoding))
+    if not entries:
+        raise ValueError(f"{args.list}: no usable line ({report.counts() or 'the file is empty'})")
     if args.classes:
         classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
     else:
@@ -76,6 +97,6 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
             named = set(table.rows[rel])
             neg = neg | (set(range(len(classes))) - named)
         records.append(Record(key=rel, pos=sorted(pos), neg=sorted(neg),
-                              image_path=str(args.images / rel)))
+                              image_path=str(args.images / rel), source=table.where.get(rel, "")))
     return BuildSpec(args.list.suffix.lstrip("."), classes, {args.split: records},
                      source={"list": str(args.list)})

@@ -46,6 +46,8 @@ class Record:
     neg: list[int]
     image_path: str | None = None
     image_bytes: bytes | None = None
+    # Where the sample was listed (file:line), named in the report next to the image.
+    source: str = ""
 
     def read_image(self) -> bytes:
         if self.image_bytes is not None:
@@ -279,6 +281,7 @@ def write_split(
     enc: EncodeOptions,
     report: Report,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> SplitInfo:
     """Shuffle ``records`` with ``seed`` and write them as ``{split}-NNNNNN.tar`` shards.
 
@@ -292,6 +295,12 @@ def write_split(
     plan = _plan_hash(records, order, shard_size, enc)
     state_path = out_dir / f"{split}.build_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    earlier = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
+    if state.get("plan") != plan and (state or earlier) and not overwrite:
+        # Not a rerun of this build (its plan differs, or shards of an unknown build are here).
+        raise BadInput(f"{out_dir}: holds another build of split {split} ({len(earlier)} shards"
+                       f"{', other inputs or settings' if state else ''}); use --overwrite to replace it "
+                       "or a new --out")
     if state.get("plan") != plan:
         state = {"plan": plan, "bad": None, "done": {}}
 
@@ -305,7 +314,8 @@ def write_split(
     report.split = split
     for i, problem, detail in state["bad"]:
         rec = records[i]
-        report.add(problem, rec.image_path or rec.key, detail, "sample skipped")
+        listed = f" (listed at {rec.source})" if rec.source else ""
+        report.add(problem, rec.image_path or rec.key, detail + listed, "sample skipped")
         bad_index.add(i)
     good = [records[int(i)] for i in order if int(i) not in bad_index]
     if not good:
@@ -324,6 +334,10 @@ def write_split(
         state["done"][name] = sha256_file(out_dir / name)
         _save_state(state_path, state)
 
+    # No file of an earlier build survives that this manifest does not list.
+    for stale in sorted(set(earlier) - set(names)):
+        (out_dir / stale).unlink(missing_ok=True)
+        (out_dir / stale).with_suffix(".idx").unlink(missing_ok=True)
     shards = []
     for s, name in enumerate(names):
         n = min(shard_size, len(good) - s * shard_size)
@@ -369,7 +383,7 @@ class BuildSpec:
 
 
 def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
-          enc: EncodeOptions, report: Report, workers: int = 1) -> Manifest:
+          enc: EncodeOptions, report: Report, workers: int = 1, overwrite: bool = False) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(dataset=spec.dataset, classes=spec.classes, shard_size=shard_size,
@@ -379,7 +393,7 @@ def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
             # Each split gets its own stream so adding a split never reorders another.
             split_seed = int(np.random.SeedSequence([seed, len(split), *split.encode()]).generate_state(1)[0])
             manifest.splits[split] = write_split(records, out_dir, split, spec.classes, shard_size,
-                                                 split_seed, enc, report, workers)
+                                                 split_seed, enc, report, workers, overwrite)
     finally:
         report.save(out_dir / REPORT_NAME, list(spec.splits))
     manifest.save(out_dir)

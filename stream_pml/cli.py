@@ -13,6 +13,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stream-pml", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also STREAM_PML_DEBUG=1); default: one line")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same arguments as python -m stream_pml.train)", add_help=False)
     sub.add_parser("experiment", help="run a grid (same arguments as python -m stream_pml.experiment)",
@@ -73,9 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"stream-pml {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:  # user errors: paths, files, formats
+        import os
+
+        if args.debug or os.environ.get("STREAM_PML_DEBUG") == "1":
+            raise
+        print(f"stream-pml {args.command}: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
+
+
+def _report_skipped(skipped: list[str]) -> None:
+    """The count first, then each unreadable sample (shard, byte offset, why)."""
+    if skipped:
+        print(f"{len(skipped)} unreadable samples skipped:", file=sys.stderr)
+        for line in skipped:
+            print(f"  {line}", file=sys.stderr)
 
 
 def _device():
@@ -96,17 +110,23 @@ def _run(args: argparse.Namespace) -> int:
             if shard_main(["build", "digits", "--out", str(args.data)]) != 0:
                 return 2
         return train_main(["--config", str(REPO_CONFIGS / "demo.yaml"), f"data.shards={args.data}", *args.overrides])
+    if args.command == "export" and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; export writes a directory (model files and JSON)")
     lm = inference.load_model(args.checkpoint, _device())
     if args.command == "evaluate":
         out = args.out or lm.source.parent / "evaluation"
         result = inference.evaluate(lm, args.shards, args.split, out)
+        _report_skipped(result["skipped"])
         print(json.dumps(result, indent=1))
-        print(f"wrote {out}/evaluation_{args.split}.md, per_class_ap_{args.split}.csv and .png")
+        tag = inference.evaluation_name(args.shards, args.split)
+        print(f"wrote {out}/evaluation_{tag}.md and .json, per_class_ap_{tag}.csv and .png")
         return 0
     if args.command == "predict":
         t0 = time.perf_counter()
         if args.shards is not None:
-            records, total = inference.predict_shards(lm, args.shards, args.split, args.batch_size)
+            skipped: list[str] = []
+            records, total = inference.predict_shards(lm, args.shards, args.split, args.batch_size, skipped)
+            _report_skipped(skipped)
         else:
             paths = inference._image_files(args.images, args.folder)
             if not paths:

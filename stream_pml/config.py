@@ -35,6 +35,34 @@ class ConfigError(ValueError):
     """A config file or override that names an unknown key or a value of the wrong type."""
 
 
+def _did_you_mean(key: str | None) -> str:
+    import difflib
+
+    if not key:
+        return ""
+    known = [k for k in _flat_keys(OmegaConf.to_container(OmegaConf.structured(Config)))]
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close and close[0] != key else ""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
+def _load_yaml(path: str):
+    import yaml
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     schema = OmegaConf.structured(Config)
     try:
@@ -42,9 +70,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            file_cfg = OmegaConf.load(path)
+            file_cfg = _load_yaml(path)
             if file_cfg is None or not OmegaConf.is_dict(file_cfg):
                 raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, ...)")
+            if not file_cfg:  # the defaults alone are not a run (ResNet-50, 448 px, 20 epochs)
+                raise ConfigError(f"{path}: the run file is empty; say at least where the shards are "
+                                  "(data.shards) and what to train (see configs/demo.yaml)")
             layers.append(file_cfg)
         for item in overrides:
             if "=" not in item:
@@ -55,7 +86,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     except OmegaConfBaseException as exc:
         where = f" (in {path} or the overrides)" if path else ""
         key = getattr(exc, "full_key", None)
-        raise ConfigError(f"config key {key!r}{where}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        # OmegaConf appends its internals (full_key, reference_type, ...) on later lines.
+        text = str(exc.msg if hasattr(exc, "msg") else exc).splitlines()[0]
+        raise ConfigError(f"config key {key!r}{where}: {text}{_did_you_mean(key)}") from None
     except ValueError as exc:  # __post_init__ range checks
         if isinstance(exc, ConfigError):
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -171,14 +172,22 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 class StopOnSignal:
     """Within the block, SIGTERM / SIGINT set ``received`` instead of killing the process,
-    so the loop can finish its step, save a checkpoint and return."""
+    so the loop can finish its step, save a checkpoint and return. A second signal stops at
+    once (a person pressing Ctrl-C twice does not want to wait for the step)."""
 
     def __init__(self) -> None:
         self.received = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.received:
+            print("second signal: stopping now, without a checkpoint (the newest one stays)",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.received = True
+        if signum == signal.SIGINT:
+            print("stopping after this step with a checkpoint; press Ctrl-C again to stop now",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():

@@ -65,8 +65,9 @@ def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
 
 
 @torch.no_grad()
-def score_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64):
-    """(rows, scores, targets, known) of every sample of a split."""
+def score_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64, skipped: list | None = None):
+    """(rows, scores, targets, known) of every readable sample of a split; the unreadable
+    ones (shard, byte offset, why) are appended to ``skipped``."""
     from .data.config import DataConfig
     from .data.loader import ShardLoader
 
@@ -85,6 +86,11 @@ def score_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64
         rows.append(batch.rows_B.cpu().numpy())
         targets.append(t.cpu().numpy())
         known.append(k.cpu().numpy())
+    if skipped is not None:
+        skipped += loader.skipped.get(split, [])
+    if not rows:
+        raise ValueError(f"{shards}: no sample of split {split} could be read ({len(loader.skipped.get(split, []))} "
+                         "unreadable)")
     rows_N = np.concatenate(rows)
     _, first = np.unique(rows_N, return_index=True)
     return (rows_N[first], np.concatenate(scores)[first], np.concatenate(targets)[first],
@@ -109,15 +115,29 @@ def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, known: np.ndar
     return out
 
 
+def evaluation_name(shards: Path, split: str) -> str:
+    """``<dataset>-<manifest fingerprint>_<split>``: evaluations of other datasets' splits of
+    the same name do not overwrite each other."""
+    from shard_tools.manifest import load_manifest
+
+    manifest = load_manifest(Path(shards))
+    return f"{manifest.dataset}-{manifest.fingerprint()[:8]}_{split}"
+
+
 def evaluate(lm: LoadedModel, shards: Path, split: str, out_dir: Path) -> dict:
-    _, scores, targets, known = score_shards(lm, shards, split, lm.eval_batch_size)
+    """Writes ``evaluation_<name>.md/.json`` and ``per_class_ap_<name>.csv/.png`` in
+    ``out_dir``, ``<name>`` from :func:`evaluation_name`; unreadable samples are skipped and
+    listed in the result (``skipped``)."""
+    skipped: list[str] = []
+    _, scores, targets, known = score_shards(lm, shards, split, lm.eval_batch_size, skipped)
+    tag = evaluation_name(shards, split)
     detail = mean_average_precision_detail(scores, targets, known)
-    result = {"split": split, "map": detail.map, "num_images": len(scores),
+    result = {"split": split, "map": detail.map, "num_images": len(scores), "skipped": skipped,
               "skipped_classes": detail.num_skipped, **threshold_metrics(scores, targets, known)}
     freq = ((targets > 0.5) & known).sum(0)
     order = np.argsort(-freq, kind="stable")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"per_class_ap_{split}.csv", "w", newline="") as f:
+    with open(out_dir / f"per_class_ap_{tag}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "positives", "ap"])
         for c in order:
@@ -128,9 +148,9 @@ def evaluate(lm: LoadedModel, shards: Path, split: str, out_dir: Path) -> dict:
              "", "| class | positives | AP (%) |", "|---|---|---|"]
     lines += [f"| {lm.classes[c]} | {freq[c]} | "
               f"{'' if np.isnan(detail.per_class_ap[c]) else f'{100 * detail.per_class_ap[c]:.1f}'} |" for c in order]
-    (out_dir / f"evaluation_{split}.md").write_text("\n".join(lines) + "\n")
-    (out_dir / f"evaluation_{split}.json").write_text(json.dumps(result, indent=1))
-    _bar_chart(lm.classes, detail.per_class_ap, order, out_dir / f"per_class_ap_{split}.png")
+    (out_dir / f"evaluation_{tag}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"evaluation_{tag}.json").write_text(json.dumps(result, indent=1))
+    _bar_chart(lm.classes, detail.per_class_ap, order, out_dir / f"per_class_ap_{tag}.png")
     return result
 
 
@@ -189,14 +209,16 @@ def predict_files(lm: LoadedModel, paths: list[Path], batch_size: int = 32) -> I
             yield {"image": str(p), "scores": s}
 
 
-def predict_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64) -> tuple[list[dict], int]:
-    """Records for every sample of a built split, named by their source keys."""
+def predict_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 64,
+                   skipped: list | None = None) -> tuple[list[dict], int]:
+    """Records for every readable sample of a built split, named by their source keys, and
+    the split's sample count; unreadable samples are appended to ``skipped``."""
     from shard_tools.manifest import load_manifest
 
     info = load_manifest(shards).split(split, shards)
     keys = (Path(shards) / info.keys_file).read_text().splitlines()
-    rows, scores, _, _ = score_shards(lm, shards, split, batch_size)
-    return [{"image": keys[int(r)], "scores": s} for r, s in zip(rows, scores)], len(rows)
+    rows, scores, _, _ = score_shards(lm, shards, split, batch_size, skipped)
+    return [{"image": keys[int(r)], "scores": s} for r, s in zip(rows, scores)], info.num_samples
 
 
 def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, threshold: str) -> int:

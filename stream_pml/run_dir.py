@@ -102,14 +102,37 @@ class CsvLog:
             w.writerow(row)
 
 
-class StepLog:
-    """Rank 0's metric sinks: ``train_log.csv`` per logged step and TensorBoard."""
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the rows of steps after ``last_step``: a run resumed from that step trains them
+    again, so the log holds each step once."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    col = rows[0].index("step")
+    kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) <= last_step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    tmp.replace(path)
 
-    def __init__(self, run_dir: Path):
+
+class StepLog:
+    """Rank 0's metric sinks: ``train_log.csv`` per logged step and TensorBoard. Given the
+    step a run resumed from, both forget what was logged after it (TensorBoard's purge)."""
+
+    def __init__(self, run_dir: Path, resumed_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        if resumed_step is not None:
+            truncate_log(run_dir / "train_log.csv", resumed_step)
         self.csv = CsvLog(run_dir / "train_log.csv")
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                purge_step=None if resumed_step is None else resumed_step + 1)
 
     def step(self, row: dict) -> None:
         self.csv.write(row)

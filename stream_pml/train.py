@@ -14,6 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run file (only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
+    if args.config is None and not args.overrides:
+        # The defaults alone are ResNet-50 at 448 px for 20 epochs: never by accident.
+        parser.print_usage(sys.stderr)
+        print("python -m stream_pml.train: error: give a run file (--config configs/demo.yaml) or "
+              "overrides; the defaults alone are not a run", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -23,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.manifest import ManifestError
 
     from .checkpoint import ResumeError
+    from .data.torch_stream import BadSamples
+    from .pseudo_store import StoreError
     from .distributed import all_reduce_flags, setup, teardown
     from .run_dir import lock as lock_run_dir
     from .run_dir import unlock as unlock_run_dir
@@ -44,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             trainer = Trainer(cfg, dist_info)
-        except ManifestError as exc:
-            print(f"data error: {exc}", file=sys.stderr)
+        except (ManifestError, StoreError) as exc:
+            print(f"{'data' if isinstance(exc, ManifestError) else 'store'} error: {exc}", file=sys.stderr)
             return 2
         try:
             resumed = trainer.maybe_resume()
@@ -60,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLoss as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+        except (BadSamples, StoreError) as exc:  # the newest checkpoint stays; resume after a fix
+            print(f"data error: {exc}", file=sys.stderr)
+            return 2
         if final.get("stopped"):
             return 128 + 15  # like a process ended by SIGTERM: not finished, resumable
         if dist_info.is_main:

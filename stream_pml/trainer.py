@@ -6,6 +6,7 @@ Checkpoints, resume and the epoch hand-over between ranks belong to
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from . import checkpoint as ckpt
 from . import components
 from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
+from .data.loader import default_threads
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags
 from .elastic import EpochPlan, TrainedRows, after_resume
 from .evaluation import evaluate
@@ -165,12 +167,14 @@ class Trainer:
             start_run_dir(self.run_dir, self.config_yaml, {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
                 "device": str(self.device), "amp": self.use_amp, "compute_threads": torch.get_num_threads(),
+                "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+                "decode_threads": default_threads(self.cfg.data),
                 "deterministic": self.cfg.train.deterministic,
                 "manifest_fingerprint": self.loader.manifest.fingerprint(),
                 "label_setting": self.cfg.data.label_setting,
                 "label_setting_hash": self.labels.hash if self.labels is not None else "as built",
                 "loss": repr(self.loss_fn), "pseudo_store": str(self.store.path)}, self._resume_record)
-        step_log = StepLog(self.run_dir) if main else None
+        step_log = StepLog(self.run_dir, self.step if self._resume_record else None) if main else None
         val, size = self.cfg.data.val_split, self.cfg.data.image_size
         settle_ddp_buckets(self.model, self.raw_model, self.normalize(torch.zeros(
             self.cfg.data.batch_size, 3, size, size, dtype=torch.uint8, device=self.device)), self.use_amp)

@@ -27,14 +27,18 @@ def test_evaluate_matches_the_trainers_test_and_writes_reports(trained, digits_s
     out = tmp_path / "eval"
     assert cli(["evaluate", "--checkpoint", str(trained), "--shards", str(digits_shards),
                 "--split", "test", "--out", str(out)]) == 0
-    result = json.loads((out / "evaluation_test.json").read_text())
+    from stream_pml.inference import evaluation_name
+
+    tag = evaluation_name(digits_shards, "test")
+    assert tag.startswith("digits-") and tag.endswith("_test")
+    result = json.loads((out / f"evaluation_{tag}.json").read_text())
     recorded = json.loads((trained / "metrics.json").read_text())["test"]
     assert result["map"] == pytest.approx(recorded["map"], abs=1e-6)
     assert result["num_images"] == 40
-    rows = (out / "per_class_ap_test.csv").read_text().splitlines()[1:]
+    rows = (out / f"per_class_ap_{tag}.csv").read_text().splitlines()[1:]
     counts = [int(r.split(",")[1]) for r in rows]
     assert counts == sorted(counts, reverse=True)
-    assert (out / "per_class_ap_test.png").stat().st_size > 1000
+    assert (out / f"per_class_ap_{tag}.png").stat().st_size > 1000
 
 
 def _images(digits_shards, folder, n=3):

@@ -65,6 +65,7 @@ class ShardLoader:
                 self.eval_shards[name] = shard_paths(self.directory, self.manifest.split(name, self.directory))
         self.piece_rows = cfg.piece_rows or default_piece_rows(cfg.batch_size, self.manifest.shard_size)
         self._deals: dict[int, EpochDeal] = {}
+        self.skipped: dict[str, list[str]] = {}  # per evaluation split, after eval_batches
         self.deal(1)  # too few samples for the ranks: said now
 
     @property
@@ -116,14 +117,19 @@ class ShardLoader:
             checkpoint=checkpoint)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
-        """This rank's share of an evaluation split (fixed deal), every sample once."""
+        """This rank's share of an evaluation split (fixed deal), every readable sample once.
+        Samples that could not be read are listed in ``self.skipped[split]`` (shard, byte
+        offset, why) once the iteration ends (torch backend)."""
         tars, idxs = self.eval_shards[split]
         owned = list(range(self.rank, len(tars), self.world_size))
+        self.skipped[split] = []
         if not owned:
-            return iter(())
-        return iter(self._stream_cls(
+            return
+        stream = self._stream_cls(
             [tars[i] for i in owned], [idxs[i] for i in owned],
             image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
             flip=False, seed=0, num_threads=default_threads(self.cfg),
             num_workers=default_threads(self.cfg), max_bad_samples=self.cfg.max_bad_samples,
-            prefetch_depth=self.cfg.prefetch_depth))
+            prefetch_depth=self.cfg.prefetch_depth)
+        yield from stream
+        self.skipped[split] = list(getattr(getattr(stream, "builder", None), "bad", []))

@@ -97,10 +97,15 @@ def decode_resize(jpeg: bytes, size: int, out: torch.Tensor | None = None) -> to
         # The fast integer IDCT and upsampling: what DALI and nvJPEG trade, invisible at 448.
         hwc = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
                                      min_height=min(size, h), min_width=min(size, w))
-    except Exception:  # CMYK and other JPEGs libjpeg-turbo's fast path refuses
+    except Exception as fast_error:  # CMYK and other JPEGs libjpeg-turbo's fast path refuses
         from PIL import Image
 
-        hwc = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        try:
+            hwc = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        except Exception:
+            # Say what is wrong with the bytes (PIL's message names a BytesIO object).
+            raise ValueError(f"{len(jpeg)} bytes that are not a decodable image (first bytes "
+                             f"{jpeg[:4].hex(' ')}; libjpeg-turbo: {fast_error})") from None
     chw = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).unsqueeze(0)
     if chw.shape[-2:] != (size, size):
         chw = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
