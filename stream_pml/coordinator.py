@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_min, barrier
-from .pseudo_store import PseudoLabelStore
+from .distributed import DistInfo, all_reduce_flags, all_reduce_min, barrier, broadcast_from_main, gather_to_main
+from .pseudo_store import PseudoLabelStore, StoreError
+from .store_record import StoreRecord
 
 
 class Stateful(Protocol):
@@ -46,6 +47,7 @@ class Coordinator:
         self.shared: dict[str, Stateful] = {}
         self.per_rank: dict[str, Stateful] = {}
         self.resumed_world_size: int | None = None  # processes that wrote the resumed checkpoint
+        self.record = StoreRecord(-(-store.num_rows // store.chunk_rows))
 
     def register(self, key: str, obj: Stateful, *, per_rank: bool = False) -> None:
         """Add ``obj`` under ``key``; states load in registration order (register the
@@ -66,10 +68,14 @@ class Coordinator:
             ckpt.prepare(self.run_dir, epoch, step)
         barrier()
         self.store.save_journal(tmp, rank)
+        # Every rank's journaled chunks join the record that the checkpoint holds.
+        for chunks, crcs in broadcast_from_main(gather_to_main(self.store.journaled)):
+            self.record.update(chunks, crcs)
         ckpt.save_file(tmp / ckpt.RANK_FILE.format(rank=rank),
                        {k: obj.state_dict() for k, obj in self.per_rank.items()})
         if main:
             ckpt.save_file(tmp / ckpt.MAIN_FILE, {"world_size": self.dist.world_size,
+                                                  "store_record": self.record.state_dict(),
                                                   **{k: obj.state_dict() for k, obj in self.shared.items()}})
         barrier()
         final = tmp.with_name(tmp.name[: -len(".tmp")])
@@ -141,7 +147,26 @@ class Coordinator:
             else:
                 raise ckpt.ResumeError(f"cannot resume {ckpts[index]} (written by {self.resumed_world_size} "
                                        f"processes) with {world}: state {key!r} cannot be re-dealt")
+        if "store_record" in main_state:
+            self.record.load_state_dict(main_state["store_record"])
+            self._check_store()
         return ckpts[index]
+
+    def _check_store(self) -> None:
+        """Every chunk the resumed checkpoint's store holds is there (each rank checks its share)."""
+        missing = self.record.missing(self.store, self.dist.rank, self.dist.world_size)
+        if self.store.cfg.accept_lost_chunks:
+            lost = [c for part in broadcast_from_main(gather_to_main(missing)) for c in part]
+            self.record.forget(lost, self.store) if self.dist.is_main else self.record.forget_quietly(lost)
+        elif all_reduce_flags(bool(missing))[0]:
+            if not missing:
+                raise StoreError(f"{self.store.path}: another rank found written chunks missing (see its line)")
+            lo, hi = self.store.chunk_bounds(missing[0])
+            raise StoreError(f"{self.store.chunk_file(missing[0])} (pseudo labels of rows {lo}-{hi - 1}) is missing"
+                             + (f", and {len(missing) - 1} more chunks" if len(missing) > 1 else "")
+                             + "; restore it, or resume with pseudo.accept_lost_chunks=true to restart those "
+                             "rows from pseudo.init")
+        self.store.expect(self.record.written, self.record.crc)
 
     # -- epochs ----------------------------------------------------------------------------
     def hand_over(self, owned_chunks: Iterable[int]) -> None:
@@ -149,3 +174,4 @@ class Coordinator:
         self.store.flush()
         barrier()
         self.store.set_owned_chunks(owned_chunks)
+        self.store.expect(self.record.written, self.record.crc)

@@ -37,6 +37,8 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from .store_record import crc32
+
 UINT8_SCALE = 254.0
 JOURNAL = "pseudo-rank{rank}.journal.npz"
 UNDO = "pseudo-rank{rank}.undo.npz"
@@ -53,6 +55,9 @@ class PseudoConfig:
     path: str = ""
     # Updates held in memory since the last checkpoint; past this a checkpoint is forced.
     max_pending_mb: int = 1024
+    # Resume although written chunks of the store are missing (their rows restart from init);
+    # without it such a resume stops and names the chunks.
+    accept_lost_chunks: bool = False
     # Decoded chunks kept for reads; 0 = four shards' worth (a rank reads one or two shards
     # at a time, a chunk is a piece of the deal: data.piece_rows rows).
     cache_chunks: int = 0
@@ -177,6 +182,9 @@ class PseudoLabelStore:
         self._io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pseudo-io")
         self._futures: list[Future] = []
         self.owned: Optional[set[int]] = None
+        self.journaled: tuple[list[int], list[int]] = ([], [])  # chunks and crc32s of the last journal
+        # crc32 of the bytes last applied, per chunk (None: unchecked): see store_record.py.
+        self._expected: Optional[np.ndarray] = None
 
     # -- reads and writes (training step) --------------------------------------------------
     def set_owned_chunks(self, chunks: Iterable[int]) -> None:
@@ -274,6 +282,7 @@ class PseudoLabelStore:
         blobs = list(self._io_pool.map(self.codec.encode, merged))
         path = Path(ckpt_dir) / JOURNAL.format(rank=rank)
         _save_blobs(path, chunks, blobs, durable=True)
+        self.journaled = (chunks, [crc32(b) for b in blobs])
         self._staged = (dict(zip(chunks, merged)), self._num_writes)
         return path
 
@@ -298,8 +307,11 @@ class PseudoLabelStore:
         return future
 
     def _apply_and_release(self, ckpt_dir: Path, rank: int, layer: dict) -> None:
+        chunks, crcs = self.journaled
         try:
             self.apply_journal(ckpt_dir, rank)
+            if self._expected is not None:  # the chunk files now hold these bytes
+                self._expected[chunks] = crcs
         finally:
             with self._lock:
                 self._inflight.remove(layer)
@@ -342,6 +354,17 @@ class PseudoLabelStore:
         return True
 
     # -- chunk files -----------------------------------------------------------------------
+    def expect(self, written: np.ndarray, crc: np.ndarray) -> None:
+        """Check every chunk file read from now on: a written chunk must exist and match its
+        crc32 (call when the files match the record: after a resume, at a hand-over)."""
+        self._expected = np.where(written, crc.astype(np.int64), -1)
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        return self._chunk_bounds(chunk)
+
+    def chunk_file(self, chunk: int) -> Path:
+        return self._chunk_file(chunk)
+
     def _chunk_file(self, chunk: int) -> Path:
         return self.path / self.array.metadata.encode_chunk_key((chunk, 0))
 
@@ -355,6 +378,13 @@ class PseudoLabelStore:
     def _read_chunk(self, chunk: int) -> np.ndarray:
         """Chunk ``chunk`` decoded, ``chunk_rows`` rows (the last chunk is padded, as in Zarr)."""
         blob = self._chunk_bytes(chunk)
+        expected = -1 if self._expected is None else int(self._expected[chunk])
+        if expected >= 0 and (blob is None or crc32(blob) != expected):
+            lo, hi = self._chunk_bounds(chunk)
+            what = "is missing" if blob is None else "does not hold the bytes last written (crc32 differs)"
+            raise StoreError(f"{self._chunk_file(chunk)} (pseudo labels of rows {lo}-{hi - 1}) {what}; restore "
+                             "it, or resume with pseudo.accept_lost_chunks=true to restart those rows from "
+                             "pseudo.init")
         if blob is None:  # read as Zarr reads a chunk never written
             return np.full((self.chunk_rows, self.num_classes), self.array.fill_value, self.array.dtype)
         try:

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             resumed = trainer.maybe_resume()
-        except ResumeError as exc:
-            print(f"resume error: {exc}", file=sys.stderr)
+        except (ResumeError, StoreError) as exc:
+            print(f"{'resume' if isinstance(exc, ResumeError) else 'store'} error: {exc}", file=sys.stderr)
             return 2
         if dist_info.is_main:
             print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "

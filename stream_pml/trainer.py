@@ -254,35 +254,36 @@ class Trainer:
         wait_s, t_last, images_seen = 0.0, time.perf_counter(), 0
         every = self.cfg.train.checkpoint_every
         limit = self.cfg.pseudo.max_pending_mb * 2**20
-        for i in range(self.batch_in_epoch, num_batches):
-            t0 = time.perf_counter()
-            batch = next(batches).to(self.device)
-            wait_s += time.perf_counter() - t0
-            stats = self.train_step(batch, epoch)
-            self.batch_in_epoch = i + 1
-            self.trained.add(batch.rows_B)
-            self.scheduler.set_progress(self._progress())
-            bar.update(1)
-            images_seen += batch.size
-            if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
-                now = time.perf_counter()
-                elapsed = max(now - t_last, 1e-9)
-                step_log.step({"epoch": epoch, "step": self.step, "world_size": self.dist.world_size, **stats,
-                               "lr": self.scheduler.get_last_lr()[0],
-                               "images_per_s": images_seen * self.dist.world_size / elapsed,
-                               "data_wait_share": wait_s / elapsed})
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                wait_s, t_last, images_seen = 0.0, now, 0
-            stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
-            if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
-                self.save_checkpoint()
-            if stop:
-                bar.close()
-                if self.dist.is_main:
-                    print(f"stopped by a signal at step {self.step}; resume with the same command",
-                          flush=True)
-                return False
-        bar.close()
+        try:
+            for i in range(self.batch_in_epoch, num_batches):
+                t0 = time.perf_counter()
+                batch = next(batches).to(self.device)
+                wait_s += time.perf_counter() - t0
+                stats = self.train_step(batch, epoch)
+                self.batch_in_epoch = i + 1
+                self.trained.add(batch.rows_B)
+                self.scheduler.set_progress(self._progress())
+                bar.update(1)
+                images_seen += batch.size
+                if step_log is not None and (self.step % self.cfg.train.log_every == 0 or i == num_batches - 1):
+                    now = time.perf_counter()
+                    elapsed = max(now - t_last, 1e-9)
+                    step_log.step({"epoch": epoch, "step": self.step, "world_size": self.dist.world_size, **stats,
+                                   "lr": self.scheduler.get_last_lr()[0],
+                                   "images_per_s": images_seen * self.dist.world_size / elapsed,
+                                   "data_wait_share": wait_s / elapsed})
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                    wait_s, t_last, images_seen = 0.0, now, 0
+                stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
+                if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
+                    self.save_checkpoint()
+                if stop:
+                    if self.dist.is_main:
+                        print(f"stopped by a signal at step {self.step}; resume with the same command",
+                              flush=True)
+                    return False
+        finally:  # an error's line must come after the bar, not before it
+            bar.close()
         return True
 
     def train_step(self, batch: Batch, epoch: int) -> dict:

@@ -197,3 +197,32 @@ def test_export_onto_a_file_and_a_resume_of_another_dataset_are_one_line(trained
     # The store, opened first, is the first thing that is another dataset's.
     assert last_line(proc).startswith(f"store error: {copy}/pseudo_labels.zarr: this pseudo-label store belongs "
                                       "to another run or dataset")
+
+
+def test_a_lost_or_altered_store_chunk_stops_the_resume_naming_it(digits_shards, tmp_path):
+    """A deleted chunk file is found when the run resumes, an altered one when it is read;
+    either stops in one line naming the file and its rows; accepting the loss is explicit."""
+    run_dir = tmp_path / "run"
+    extra = {"loss.name": "pml", "train.epochs": 1}
+    assert run("stream_pml.train", *tiny_overrides(digits_shards, run_dir, **extra)).returncode == 0
+    chunks = sorted((run_dir / "pseudo_labels.zarr" / "c").rglob("*"))
+    chunks = [c for c in chunks if c.is_file()]
+    assert len(chunks) >= 2, "the run wrote no pseudo labels"
+    lost, altered = chunks[0], chunks[1]
+    saved = altered.read_bytes()
+    lost.unlink()
+    more = tiny_overrides(digits_shards, run_dir, **{**extra, "train.epochs": 2})
+    proc = run("stream_pml.train", *more)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert last_line(proc).startswith(f"store error: {lost} (pseudo labels of rows ") and "is missing" in last_line(proc)
+
+    altered.write_bytes(saved[:-3] + b"abc")
+    proc = run("stream_pml.train", *more, "pseudo.accept_lost_chunks=true")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(f"data error: {altered} (pseudo labels of rows ")
+    assert "crc32 differs" in last_line(proc)
+
+    altered.write_bytes(saved)
+    proc = run("stream_pml.train", *more, "pseudo.accept_lost_chunks=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{lost} is missing: rows" in proc.stderr
