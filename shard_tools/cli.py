@@ -38,22 +38,23 @@ def _common(p: argparse.ArgumentParser, has_split: bool) -> None:
                    help="replace another build found in --out (its files that the new manifest does not "
                         "list are deleted); without it such a build is refused")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for decoding and writing (default: all cores)")
+                   help="processes for decoding and writing (the default is this machine's core count)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="shard-tools", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="shard-tools", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a dataset into shards")
     bsub = b.add_subparsers(dest="dataset", required=True)
     for name, (module, help_text, has_split) in DATASETS.items():
-        p = bsub.add_parser(name, help=help_text)
+        p = bsub.add_parser(name, help=help_text, formatter_class=fmt)
         module.add_arguments(p)
         _common(p, has_split)
-    v = sub.add_parser("verify", help="checksums, counts, every sample decodes, labels in range")
-    v.add_argument("dir", type=Path)
-    i = sub.add_parser("inspect", help="class frequencies, labels per image, a contact sheet PNG")
-    i.add_argument("dir", type=Path)
+    v = sub.add_parser("verify", help="checksums, counts, every sample decodes, labels in range", formatter_class=fmt)
+    v.add_argument("dir", type=Path, help="built shard directory (holds manifest.json)")
+    i = sub.add_parser("inspect", help="class frequencies, labels per image, a contact sheet PNG", formatter_class=fmt)
+    i.add_argument("dir", type=Path, help="built shard directory (holds manifest.json)")
     i.add_argument("--split", default=None, help="default: the first split")
     i.add_argument("--num-images", type=int, default=16)
     return parser.parse_args(argv)

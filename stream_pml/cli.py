@@ -12,34 +12,39 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stream-pml", description=__doc__)
+    p = argparse.ArgumentParser(prog="stream-pml", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (also STREAM_PML_DEBUG=1); default: one line")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (same arguments as python -m stream_pml.train)", add_help=False)
     sub.add_parser("experiment", help="run a grid (same arguments as python -m stream_pml.experiment)",
                    add_help=False)
-    e = sub.add_parser("evaluate", help="mAP, CP/CR/CF1/OP/OR/OF1 and per-class AP on a split")
+    e = sub.add_parser("evaluate", help="mAP, CP/CR/CF1/OP/OR/OF1 and per-class AP on a split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
-    e.add_argument("--shards", required=True, type=Path)
-    e.add_argument("--split", default="test")
+    e.add_argument("--shards", required=True, type=Path, help="built shard directory (holds manifest.json)")
+    e.add_argument("--split", default="test", help="split of --shards to evaluate")
     e.add_argument("--out", type=Path, default=None, help="default: <checkpoint dir>/evaluation")
-    r = sub.add_parser("predict", help="labels with scores for images, a folder or a shard split")
-    r.add_argument("--checkpoint", required=True, type=Path)
+    r = sub.add_parser("predict", help="labels with scores for images, a folder or a shard split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
     r.add_argument("images", nargs="*", help="image files")
-    r.add_argument("--folder", type=Path)
+    r.add_argument("--folder", type=Path, help="every image in this folder")
     r.add_argument("--shards", type=Path, help="predict every sample of a built split instead")
-    r.add_argument("--split", default="test", help="with --shards (default %(default)s)")
+    r.add_argument("--split", default="test", help="with --shards")
     r.add_argument("--out", type=_predictions_path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
     r.add_argument("--threshold", type=_threshold, default="0.5",
                    help="a number in [0, 1], or 'calibrated' (per class, from validation)")
-    r.add_argument("--batch-size", type=int, default=32)
-    x = sub.add_parser("export", help="safetensors + JSON (classes, preprocessing) + TorchScript")
-    x.add_argument("--checkpoint", required=True, type=Path)
-    x.add_argument("--out", required=True, type=Path)
-    d = sub.add_parser("demo", help="build the embedded digits dataset if needed, train the demo")
-    d.add_argument("--data", type=Path, default=Path("data/digits"))
-    d.add_argument("overrides", nargs="*")
+    r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    x = sub.add_parser("export", help="safetensors + JSON (classes, preprocessing) + a torch.export program (.pt2)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
+    x.add_argument("--out", required=True, type=Path, help="directory for the exported files")
+    d = sub.add_parser("demo", help="build the embedded digits dataset if needed, train the demo",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--data", type=Path, default=Path("data/digits"), help="where the demo shards are (built if absent)")
+    d.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=2")
     return p
 
 

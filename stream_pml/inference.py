@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,8 +252,29 @@ def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, thres
     return n
 
 
+# Run by export() in a fresh interpreter that imports torch and torchvision, not stream-pml:
+# what a user's serving code has. Prints the largest score difference of each format.
+_CHECK_EXPORT = """
+import json, sys, torch, torchvision
+from safetensors.torch import load_file
+out = sys.argv[1]
+meta = json.load(open(out + "/model.json"))
+x, ref = torch.load(out + "/check.pt").values()
+program = torch.export.load(out + "/model.pt2").module()
+net = torchvision.models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"]).eval()
+net.load_state_dict(load_file(out + "/model.safetensors"))
+with torch.no_grad():
+    print(json.dumps({"pt2": float((torch.sigmoid(program(x)) - ref).abs().max()),
+                      "safetensors": float((torch.sigmoid(net(x)) - ref).abs().max())}))
+"""
+
+
 def export(lm: LoadedModel, out_dir: Path) -> dict:
-    """safetensors weights + a JSON of classes and preprocessing + TorchScript, checked equal."""
+    """safetensors weights (torchvision's architecture, ``model.json`` names it) + a JSON of
+    classes and preprocessing + a ``torch.export`` program (``model.pt2``, any batch size),
+    each checked to score like this model in a fresh process that does not import stream-pml."""
+    import subprocess
+
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,14 +284,26 @@ def export(lm: LoadedModel, out_dir: Path) -> dict:
             "input": {"size": [lm.image_size, lm.image_size], "resize": "squash, bilinear antialiased",
                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW RGB float32 in [0,1] then normalised"},
             "output": "logits; sigmoid gives per-class probabilities",
+            "load": {"model.pt2": "torch.export.load(path).module()",
+                     "model.safetensors": "torchvision.models.get_model(arch, weights=None, num_classes=num_classes)"
+                                          ".load_state_dict(safetensors.torch.load_file(path))"},
             "thresholds": None if lm.thresholds is None else [float(t) for t in lm.thresholds]}
     (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
     sample = torch.randn(4, 3, lm.image_size, lm.image_size, generator=torch.Generator().manual_seed(0))
-    traced = torch.jit.trace(model, sample)
-    traced.save(str(out_dir / "model.torchscript.pt"))
-    reloaded = torch.jit.load(str(out_dir / "model.torchscript.pt"))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(out_dir / "model.pt2"))
     with torch.no_grad():
-        diff = float((torch.sigmoid(reloaded(sample)) - torch.sigmoid(model(sample))).abs().max())
-    if diff > 1e-4:
-        raise RuntimeError(f"TorchScript export differs from PyTorch by {diff} on a sample batch")
-    return {"max_abs_score_diff": diff, "files": sorted(p.name for p in out_dir.iterdir())}
+        torch.save({"x": sample[:3], "scores": torch.sigmoid(model(sample[:3]))}, out_dir / "check.pt")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHECK_EXPORT, str(out_dir)], capture_output=True, text=True,
+                              cwd=out_dir, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    finally:
+        (out_dir / "check.pt").unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the exported files do not load in a fresh process: {proc.stderr.strip().splitlines()[-1]}")
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    worst = max(diffs.values())
+    if worst > 1e-4:
+        raise RuntimeError(f"an exported format scores differently from PyTorch: {diffs} on a sample batch")
+    return {"max_abs_score_diff": diffs, "files": sorted(p.name for p in out_dir.iterdir())}

@@ -226,3 +226,14 @@ def test_a_lost_or_altered_store_chunk_stops_the_resume_naming_it(digits_shards,
     proc = run("stream_pml.train", *more, "pseudo.accept_lost_chunks=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{lost} is missing: rows" in proc.stderr
+
+
+def test_every_command_says_what_it_does_and_its_defaults():
+    for args, shown in ((["stream_pml.cli", "predict", "--help"], "(default: 0.5)"),
+                        (["stream_pml.cli", "evaluate", "--help"], "(default: test)"),
+                        (["stream_pml.cli", "export", "--help"], "directory for the exported files"),
+                        (["shard_tools", "build", "digits", "--help"], "(default: 1000)"),
+                        (["shard_tools", "verify", "--help"], "holds manifest.json"),
+                        (["stream_pml.train", "--help"], "config sections: data, model, loss, optim, pseudo, train")):
+        proc = run(*args)
+        assert proc.returncode == 0 and shown in " ".join(proc.stdout.split()), args
