@@ -64,7 +64,12 @@ def _verify_shard(directory: Path, shard, num_classes: int) -> list[str]:
     return problems
 
 
-def verify(directory: Path) -> int:
+def verify(directory: Path | str) -> int:
+    from .remote import is_remote
+
+    if is_remote(directory):
+        return _verify_remote(str(directory))
+    directory = Path(directory)
     manifest = load_manifest(directory)
     problems: list[str] = []
     total = sum(s.num_samples for split in manifest.splits.values() for s in split.shards)
@@ -89,6 +94,41 @@ def verify(directory: Path) -> int:
         print(p)
     _print_report_totals(Path(directory), list(manifest.splits))
     return 0 if not problems else 1
+
+
+def _verify_remote(url: str) -> int:
+    """Every file the manifest lists is downloaded (checked against its sha256 on the way)
+    into a temporary directory and verified there; files under ``url`` it does not list are
+    reported."""
+    import tempfile
+
+    from .manifest import MANIFEST_NAME
+    from .remote import RemoteError, download, filesystem, join
+
+    manifest = load_manifest(url)
+    with tempfile.TemporaryDirectory(prefix="shard-verify-") as tmp:
+        local = Path(tmp)
+        (local / MANIFEST_NAME).write_text(manifest.to_json())
+        problems = []
+        for split_name, split in manifest.splits.items():
+            names = [(s.name, s.sha256) for s in split.shards] + [(s.index, s.index_sha256) for s in split.shards]
+            names += [(n, None) for n in (split.keys_file, f"{split_name}.labels.npz", REPORT_NAME) if n]
+            for name, sha in names:
+                try:
+                    download(join(url, name), local / name, sha256=sha or None)
+                except RemoteError as exc:
+                    if name != REPORT_NAME:
+                        problems.append(str(exc))
+        fs, root = filesystem(url)
+        listed = {p.name for p in local.iterdir()}
+        for path in fs.ls(root, detail=False):
+            name = str(path).rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith((".tar", ".idx")) and name not in listed:
+                problems.append(f"{join(url, name)}: not listed in the manifest (left by another build?)")
+        for p in problems:
+            print(p)
+        rc = verify(local)
+        return 1 if problems else rc
 
 
 def _print_report_totals(directory: Path, splits: list[str]) -> None:

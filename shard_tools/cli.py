@@ -26,7 +26,12 @@ DATASETS = {
 
 
 def _common(p: argparse.ArgumentParser, has_split: bool) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output directory (shards + manifest)")
+    p.add_argument("--out", required=True,
+                   help="output directory (shards + manifest), or a URL (s3://, gs://, file://): built in a local "
+                        "staging directory, then uploaded, manifest last")
+    p.add_argument("--stage", type=Path, default=None,
+                   help="staging directory of a remote --out (default: under ~/.cache/stream-pml/staging); "
+                        "kept, so a rerun after an interruption uploads only what is missing")
     if has_split:
         p.add_argument("--split", default="train", help="split name written (default %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         module.add_arguments(p)
         _common(p, has_split)
     v = sub.add_parser("verify", help="checksums, counts, every sample decodes, labels in range", formatter_class=fmt)
-    v.add_argument("dir", type=Path, help="built shard directory (holds manifest.json)")
+    v.add_argument("dir", help="built shard directory (holds manifest.json) or its URL")
     i = sub.add_parser("inspect", help="class frequencies, labels per image, a contact sheet PNG", formatter_class=fmt)
     i.add_argument("dir", type=Path, help="built shard directory (holds manifest.json)")
     i.add_argument("--split", default=None, help="default: the first split")
@@ -60,7 +65,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _staging(url: str, stage: Path | None) -> Path:
+    import hashlib
+
+    if stage is not None:
+        return stage
+    return Path.home() / ".cache" / "stream-pml" / "staging" / hashlib.sha1(url.encode()).hexdigest()[:12]
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    from .remote import is_remote, upload_tree
+
+    remote = str(args.out) if is_remote(args.out) else None
+    args.out = _staging(remote, args.stage) if remote else Path(args.out)
+    rc = _build_local(args)
+    if remote:
+        names = [p.name for p in sorted(args.out.iterdir())
+                 if p.is_file() and not p.name.endswith(".build_state.json")]
+        sent = upload_tree(args.out, remote, names)
+        print(f"uploaded {len(sent)} of {len(names)} files to {remote} (the others were there already); "
+              f"staging kept in {args.out}")
+    return rc
+
+
+def _build_local(args: argparse.Namespace) -> int:
     for name in ("images", "annotations", "labels", "classes", "root", "list", "image_list", "concepts"):
         paths = getattr(args, name, None)
         for path in paths if isinstance(paths, list) else [paths]:

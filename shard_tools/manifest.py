@@ -45,6 +45,10 @@ class ShardInfo:
     row_start: int
     row_stop: int
     sha256: str
+    # Bytes of the .tar and sha256 of the .idx: what a download from remote storage is
+    # checked against (0 / "" in manifests written before they were recorded).
+    size: int = 0
+    index_sha256: str = ""
 
 
 @dataclass
@@ -104,15 +108,28 @@ class Manifest:
 
 
 def load_manifest(directory: Path | str) -> Manifest:
-    """Read and check ``directory/manifest.json``; every error names the file and the problem."""
+    """Read and check ``directory/manifest.json`` (a local directory or a remote URL,
+    ``shard_tools.remote``); every error names the file and the problem."""
+    from .remote import RemoteError, is_remote, join, read_text
+
+    if is_remote(directory):
+        url = join(str(directory), MANIFEST_NAME)
+        try:
+            return parse_manifest(read_text(url), url)
+        except RemoteError as exc:
+            raise ManifestError(f"{exc} (no manifest there? build with `shard-tools build ... --out URL`)") from None
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise ManifestError(f"shard directory {directory} does not exist")
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest; build shards with `shard-tools build ...`")
+    return parse_manifest(path.read_text(), path)
+
+
+def parse_manifest(text: str, path: Path | str) -> Manifest:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     if data.get("format") != FORMAT_NAME:

@@ -343,7 +343,8 @@ def write_split(
         n = min(shard_size, len(good) - s * shard_size)
         shards.append(ShardInfo(name=name, index=name[:-4] + ".idx", num_samples=n,
                                 row_start=s * shard_size, row_stop=s * shard_size + n,
-                                sha256=state["done"][name]))
+                                sha256=state["done"][name], size=(out_dir / name).stat().st_size,
+                                index_sha256=sha256_file(out_dir / (name[:-4] + ".idx"))))
     keys_file = f"{split}.keys.txt"
     (out_dir / keys_file).write_text("\n".join(rec.key for rec in good) + "\n")
     # The whole split's observed labels in CSR form, so label settings (PAL, SPL, ...) and

@@ -31,8 +31,8 @@ def label_table(cfg: "Config", loader: ShardLoader) -> PartialLabels | None:
     if not loader.train_split.fully_labelled:
         raise ManifestError(f"{data.shards}: split {data.train_split} is not fully labelled; "
                             f"label_setting={data.label_setting} is made from full labels")
-    return PartialLabels.from_split(data.shards, data.train_split, loader.num_classes, data.label_setting,
-                                    data.label_ratio, data.label_seed)
+    return PartialLabels.from_split(loader.local_files(data.train_split), data.train_split, loader.num_classes,
+                                    data.label_setting, data.label_ratio, data.label_seed)
 
 
 def build_loss(cfg: "Config", loader: ShardLoader) -> BoundLoss:
@@ -52,7 +52,7 @@ def build_estimator(cfg: "Config", loader: ShardLoader, labels: PartialLabels | 
     from .losses.role_estimator import LabelEstimator
 
     observed = labels.dense() if labels is not None else read_split_labels(
-        cfg.data.shards, cfg.data.train_split, loader.num_classes)
+        loader.local_files(cfg.data.train_split), cfg.data.train_split, loader.num_classes)
     return LabelEstimator(observed, seed=cfg.train.seed).to(device)
 
 

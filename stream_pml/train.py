@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.manifest import ManifestError
 
     from .checkpoint import ResumeError
+    from shard_tools.remote import RemoteError
+
     from .data.torch_stream import BadSamples
     from .pseudo_store import StoreError
     from .distributed import all_reduce_flags, setup, teardown
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLoss as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
-        except (BadSamples, StoreError) as exc:  # the newest checkpoint stays; resume after a fix
+        except (BadSamples, StoreError, RemoteError) as exc:  # the newest checkpoint stays; resume after a fix
             print(f"data error: {exc}", file=sys.stderr)
             return 2
         if final.get("stopped"):

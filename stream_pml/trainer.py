@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shard_tools.remote import RemoteError
+
 from . import checkpoint as ckpt
 from . import components
 from .coordinator import Coordinator
@@ -257,7 +259,7 @@ class Trainer:
         try:
             for i in range(self.batch_in_epoch, num_batches):
                 t0 = time.perf_counter()
-                batch = next(batches).to(self.device)
+                batch = self._next_batch(batches)
                 wait_s += time.perf_counter() - t0
                 stats = self.train_step(batch, epoch)
                 self.batch_in_epoch = i + 1
@@ -285,6 +287,26 @@ class Trainer:
         finally:  # an error's line must come after the bar, not before it
             bar.close()
         return True
+
+    def _next_batch(self, batches) -> Batch:
+        """The next batch; with remote shards every rank first learns whether any rank could
+        not fetch a shard, and then all stop together after a checkpoint (exact: a batch
+        taken but not trained is given back to the stream)."""
+        cache = self.loader.cache
+        if cache is None:
+            return next(batches).to(self.device)
+        try:
+            batch, error = next(batches), cache.failed
+        except RemoteError as exc:
+            batch, error = None, exc
+        (failed,) = all_reduce_flags(error is not None)
+        if not failed:
+            return batch.to(self.device)
+        if batch is not None:
+            self._stream.handed_out -= 1  # torch backend: its position is the batches handed out
+        self.save_checkpoint()
+        raise RemoteError(str(error) if error is not None else "another rank could not fetch a shard (see its "
+                          "line); the newest checkpoint is intact, resume when the storage is back")
 
     def train_step(self, batch: Batch, epoch: int) -> dict:
         if self.labels is None:

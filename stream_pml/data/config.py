@@ -1,7 +1,7 @@
 """Configuration of the data path (shards, image size, loader backend)."""
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 # auto: DALI when CUDA is present, else the torch-native backend, which measured faster on
 # CPU-only machines (BENCHMARKS.md); both are tested.
@@ -10,7 +10,17 @@ BACKENDS = ("auto", "dali", "torch")
 
 @dataclass
 class DataConfig:
-    shards: str = "data/digits"  # directory holding manifest.json
+    # Directory holding manifest.json, or a URL (s3://, gs://, http(s)://, file://) whose
+    # shards are read through the node-local cache below (README "Remote shards").
+    shards: str = "data/digits"
+    # Node-local cache of remote shards (shared by the node's processes); empty = a
+    # stream-pml folder in the user's cache directory.
+    cache_dir: str = ""
+    cache_limit: str = "200GB"  # never more bytes than this in the cache (e.g. 500GiB)
+    prefetch_shards: int = 2  # shards downloaded ahead of the one being read
+    download_retries: int = 4  # transient errors (5xx, resets, short or altered bodies)
+    download_timeout_s: float = 600.0  # per shard download attempt
+    fsspec: Dict[str, Any] = field(default_factory=dict)  # extra fsspec options (endpoint_url, ...)
     train_split: str = "train"
     # Evaluated each epoch; the best epoch by its mAP is kept (never chosen on test).
     # Empty: no selection, the last epoch's model is the result.
@@ -45,6 +55,15 @@ class DataConfig:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {BACKENDS}")
         if self.max_bad_samples < 0:
             raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+        if self.prefetch_shards < 0 or self.download_retries < 0 or self.download_timeout_s <= 0:
+            raise ValueError("data.prefetch_shards and data.download_retries must be >= 0, "
+                             "data.download_timeout_s > 0")
+        from .cache import parse_size
+
+        try:
+            parse_size(self.cache_limit)  # a typo is said now, naming the value
+        except ValueError as exc:
+            raise ValueError(f"data.cache_limit: {exc}") from None
         if self.piece_rows < 0:
             raise ValueError(f"data.piece_rows must be >= 0 (0 = data.batch_size), got {self.piece_rows}")
         for name in ("image_size", "batch_size", "eval_batch_size", "prefetch_depth"):

@@ -14,9 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
-from shard_tools.manifest import Manifest, ManifestError, load_manifest, shard_paths
+from shard_tools.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, shard_paths
+from shard_tools.remote import is_remote
 
 from .batch import Batch
+from .cache import CachedShards, ShardCache, parse_size
 from .config import DataConfig
 from .dali import DaliShardStream
 from .deal import DealError, EpochDeal, by_shard, deal_epoch, default_piece_rows
@@ -52,17 +54,26 @@ class ShardLoader:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.directory = Path(cfg.shards)
         self.backend = resolve_backend(cfg)
         self._stream_cls = DaliShardStream if self.backend == "dali" else TorchShardStream
-        self.manifest: Manifest = load_manifest(self.directory)
+        self.cache: ShardCache | None = None
+        if is_remote(cfg.shards):
+            self.manifest = load_manifest(cfg.shards)
+            self.cache = self._open_cache()
+            self.directory = self.cache.dir  # manifest, label and key files come here
+            (self.directory / MANIFEST_NAME).write_text(self.manifest.to_json())
+            split_files = lambda split: ([s.name for s in split.shards], [s.index for s in split.shards])  # noqa: E731
+        else:
+            self.directory = Path(cfg.shards)
+            self.manifest = load_manifest(self.directory)
+            split_files = lambda split: shard_paths(self.directory, split)  # noqa: E731
         self.train_split = self.manifest.split(cfg.train_split, self.directory)
-        self.train_tars, self.train_idxs = shard_paths(self.directory, self.train_split)
+        self.train_tars, self.train_idxs = split_files(self.train_split)
         # Every split named in the config is checked now, not after hours of training.
         self.eval_shards = {}
         for name in (cfg.val_split, cfg.test_split):
             if name:
-                self.eval_shards[name] = shard_paths(self.directory, self.manifest.split(name, self.directory))
+                self.eval_shards[name] = split_files(self.manifest.split(name, self.directory))
         self.piece_rows = cfg.piece_rows or default_piece_rows(cfg.batch_size, self.manifest.shard_size)
         self._deals: dict[int, EpochDeal] = {}
         self.skipped: dict[str, list[str]] = {}  # per evaluation split, after eval_batches
@@ -71,6 +82,46 @@ class ShardLoader:
     @property
     def num_classes(self) -> int:
         return self.manifest.num_classes
+
+    def _open_cache(self) -> ShardCache:
+        import os
+
+        cfg = self.cfg
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "stream-pml" / "shards"
+        limit = parse_size(cfg.cache_limit)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        largest = max((s.size for split in self.manifest.splits.values() for s in split.shards), default=0)
+        if local * (cfg.prefetch_shards + 1) * largest > limit:
+            raise ManifestError(
+                f"data.cache_limit={cfg.cache_limit} ({limit:,} bytes) cannot hold the prefetch window of this "
+                f"node: {local} processes x (data.prefetch_shards={cfg.prefetch_shards} + 1) x {largest:,} bytes "
+                f"(largest shard) = {local * (cfg.prefetch_shards + 1) * largest:,} bytes")
+        cache = ShardCache(cfg.shards, cache_dir, limit, retries=cfg.download_retries,
+                           timeout_s=cfg.download_timeout_s, options=dict(cfg.fsspec), window=cfg.prefetch_shards)
+        for split in self.manifest.splits.values():
+            for shard in split.shards:
+                cache.expect(shard.name, shard.size, shard.sha256)
+                cache.expect(shard.index, None, shard.index_sha256)
+        return cache
+
+    def local_files(self, split: str) -> Path:
+        """The directory holding ``split``'s label and key files (fetched if remote)."""
+        if self.cache is not None:
+            info = self.manifest.split(split, self.cfg.shards)
+            for name in (f"{split}.labels.npz", info.keys_file):
+                if name:
+                    self.cache.path(name)
+        return self.directory
+
+    def _stream_files(self, tars: list[str], idxs: list[str]):
+        """What a stream opens: local paths, or (torch backend, remote) shards fetched through
+        the cache when first read; index files are small and fetched now."""
+        if self.cache is None:
+            return tars, idxs
+        idxs = [self.cache.path(i) for i in idxs]
+        if self.backend == "dali":  # DALI opens every file when its pipeline is built
+            return [self.cache.path(t) for t in tars], idxs
+        return CachedShards(list(tars), self.cache), idxs
 
     def deal(self, epoch: int) -> EpochDeal:
         if epoch not in self._deals:
@@ -106,8 +157,9 @@ class ShardLoader:
                   f"pieces of {self.piece_rows} rows dealt to {self.world_size} ranks, "
                   f"{deal.num_batches} batches each)", file=sys.stderr, flush=True)
         shards, positions = by_shard(deal.rows(self.rank), self.manifest.shard_size)
+        tars, idxs = self._stream_files([self.train_tars[i] for i in shards], [self.train_idxs[i] for i in shards])
         return self._stream_cls(
-            [self.train_tars[i] for i in shards], [self.train_idxs[i] for i in shards], samples=positions,
+            tars, idxs, samples=positions,
             image_size=self.cfg.image_size, batch_size=self.cfg.batch_size, train=True,
             flip=self.cfg.flip, seed=stream_seed(self.seed, epoch, self.rank, generation),
             num_threads=default_threads(self.cfg), num_workers=default_threads(self.cfg),
@@ -126,7 +178,7 @@ class ShardLoader:
         if not owned:
             return
         stream = self._stream_cls(
-            [tars[i] for i in owned], [idxs[i] for i in owned],
+            *self._stream_files([tars[i] for i in owned], [idxs[i] for i in owned]),
             image_size=self.cfg.image_size, batch_size=self.cfg.eval_batch_size, train=False,
             flip=False, seed=0, num_threads=default_threads(self.cfg),
             num_workers=default_threads(self.cfg), max_bad_samples=self.cfg.max_bad_samples,

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shard_tools.remote import RemoteError
+
 from .batch import Batch
 
 
@@ -64,13 +66,16 @@ def epoch_order(samples: list[np.ndarray], seed: int, shuffle_buffer: int) -> tu
 
 @dataclass
 class _Plan:
-    tars: list[str]
+    tars: list[str]  # or CachedShards (remote): paths[k] fetches, hint() plans the downloads
     # Per sample, in epoch order: shard index and (offset, size) of jpg, row, pos, neg.
     shard_N: np.ndarray
     spans_N4x2: np.ndarray
     flip_N: np.ndarray
     batch_size: int
     num_batches: int
+    # Per shard: the epoch position of its first and last sample (for download hints).
+    first_K: np.ndarray | None = None
+    last_K: np.ndarray | None = None
 
 
 def read_index(idx_path: str) -> np.ndarray:
@@ -124,6 +129,7 @@ class _BatchBuilder:
         self.max_bad_samples = max_bad_samples
         self.bad: list[str] = []  # "<shard>: sample at byte <offset>: <why>", in the order met
         self._lock = threading.Lock()
+        self._last_hint: list[int] | None = None
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -139,7 +145,7 @@ class _BatchBuilder:
     def _skip(self, shard: int, offset: int, exc: Exception) -> None:
         import warnings
 
-        where = f"{self.plan.tars[shard]}: sample at byte {offset}"
+        where = f"{getattr(self.plan.tars, 'names', self.plan.tars)[shard]}: sample at byte {offset}"
         with self._lock:
             self.bad.append(f"{where}: {type(exc).__name__}: {exc}")
             count = len(self.bad)
@@ -148,9 +154,23 @@ class _BatchBuilder:
                              f"data.max_bad_samples={self.max_bad_samples} ({exc})")
         warnings.warn(f"skipped unreadable sample ({count} so far): {where}: {exc}", stacklevel=2)
 
+    def _hint(self, lo: int) -> None:
+        """Remote shards: tell the cache which shards come next, in order of first use."""
+        p = self.plan
+        if p.first_K is None or not hasattr(p.tars, "hint"):
+            return
+        upcoming = np.flatnonzero(p.last_K >= lo)
+        order = upcoming[np.argsort(p.first_K[upcoming], kind="stable")].tolist()
+        with self._lock:
+            if order == self._last_hint:
+                return
+            self._last_hint = order
+        p.tars.hint(order)
+
     def __getitem__(self, b: int) -> Batch:
         p = self.plan
         lo, hi = b * p.batch_size, min((b + 1) * p.batch_size, len(p.shard_N))
+        self._hint(lo)
         images = torch.empty((hi - lo, 3, self.image_size, self.image_size), dtype=torch.uint8)
         rows, pos, neg = [], [], []
         fds: dict[int, int] = {}  # open only for this batch: a bounded number of files at once
@@ -162,6 +182,8 @@ class _BatchBuilder:
                     img = decode_resize(self._read(fds, shard, *spans[0]), self.image_size, images[k])
                     members = [self._read(fds, shard, *spans[j]) for j in (1, 2, 3)]
                 except Exception as exc:
+                    if isinstance(exc, RemoteError):  # the file, not the sample: the run decides
+                        raise
                     self._skip(shard, int(spans[0][0]), exc)
                     continue
                 if p.flip_N[i]:
@@ -207,7 +229,13 @@ class TorchShardStream:
         n = -(-len(shard_N) // batch_size)
         self.start = int(checkpoint) if checkpoint else 0
         self.stop = n if max_batches is None else min(n, self.start + max_batches)
-        plan = _Plan(list(tars), shard_N, spans_N, flips, batch_size, n)
+        plan = _Plan(tars if hasattr(tars, "hint") else list(tars), shard_N, spans_N, flips, batch_size, n)
+        if hasattr(tars, "hint") and len(shard_N):
+            positions = np.arange(len(shard_N))
+            plan.first_K = np.full(len(spans), len(shard_N))
+            plan.last_K = np.full(len(spans), -1)
+            np.minimum.at(plan.first_K, shard_N, positions)
+            np.maximum.at(plan.last_K, shard_N, positions)
         self.handed_out = self.start
         self.builder = _BatchBuilder(plan, image_size, max_bad_samples)
         self.num_workers = num_workers

@@ -1,0 +1,133 @@
+"""Shards where they live: ``s3://``, ``gs://``, ``http(s)://`` and ``file://`` through fsspec
+(DESIGN.md section 9).
+
+Credentials and endpoints come from the usual environment (``AWS_ENDPOINT_URL`` points s3fs at
+an S3-compatible server on premises, ``AWS_ACCESS_KEY_ID`` ...); ``STREAM_PML_FSSPEC`` may hold
+a JSON object of extra fsspec options (the trainer's ``data.fsspec`` config wins).
+
+:func:`download` is the one way a remote file reaches local disk: written under a temporary
+name, checked against the manifest's size and sha256, renamed. Transient errors (HTTP 5xx,
+reset connections, timeouts, a body cut short, bytes that do not match) are retried with
+exponential backoff; a missing object is not retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://", "file://")
+
+
+class RemoteError(OSError):
+    """A remote file that stayed unavailable or wrong: names the URL and the last error."""
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(SCHEMES)
+
+
+def join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def filesystem(url: str, options: dict | None = None):
+    """(fsspec filesystem, path within it) for ``url``."""
+    import fsspec
+
+    opts = json.loads(os.environ.get("STREAM_PML_FSSPEC", "{}"))
+    opts.update(options or {})
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        opts.setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
+    # A fresh client: a cached one keeps listings (sizes of objects deleted since) around.
+    opts.setdefault("skip_instance_cache", True)
+    try:
+        return fsspec.core.url_to_fs(url, **opts)
+    except ImportError as exc:  # s3fs / gcsfs are optional
+        raise RemoteError(f"{url}: {exc} (pip install 'stream-pml[s3]' or gcsfs)") from None
+
+
+def read_text(url: str, options: dict | None = None, retries: int = 3) -> str:
+    fs, path = filesystem(url, options)
+    return _retry(url, retries, lambda: fs.cat_file(path).decode())
+
+
+def _transient(exc: BaseException) -> bool:
+    return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+def _retry(url: str, retries: int, fn, backoff_s: float = 0.2):
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - every client library raises its own kinds
+            last = exc
+            if not _transient(exc):
+                raise RemoteError(f"{url}: {type(exc).__name__}: {exc}") from None
+            if attempt < retries:
+                time.sleep(backoff_s * 2 ** attempt)
+    raise RemoteError(f"{url}: unavailable after {retries + 1} attempts; last error "
+                      f"{type(last).__name__}: {last}") from None
+
+
+class Mismatch(IOError):
+    """Downloaded bytes that are not the manifest's (a transient fault until retries run out)."""
+
+
+def download(url: str, dest: Path, *, size: int | None = None, sha256: str | None = None,
+             retries: int = 4, timeout_s: float = 60.0, options: dict | None = None) -> Path:
+    """``url`` to ``dest`` atomically, checked against ``size`` and ``sha256`` when given."""
+    fs, path = filesystem(url, options)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+
+    def once() -> Path:
+        digest = hashlib.sha256()
+        written = 0
+        start = time.monotonic()
+        try:
+            # HTTP: one streamed GET (servers need not support ranges); object stores: 4 MiB reads.
+            block = 0 if url.startswith(("http://", "https://")) else 1 << 22
+            with fs.open(path, "rb", block_size=block) as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 22):
+                    if time.monotonic() - start > timeout_s:
+                        raise TimeoutError(f"download took longer than {timeout_s} s")
+                    digest.update(chunk)
+                    out.write(chunk)
+                    written += len(chunk)
+            if size is not None and written != size:
+                raise Mismatch(f"got {written} bytes, the manifest says {size}")
+            if sha256 and digest.hexdigest() != sha256:
+                raise Mismatch(f"sha256 {digest.hexdigest()[:12]}... differs from the manifest's {sha256[:12]}...")
+            tmp.replace(dest)
+            return dest
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    return _retry(url, retries, once)
+
+
+def upload_tree(local: Path, url: str, names: list[str], options: dict | None = None,
+                retries: int = 4) -> list[str]:
+    """Upload ``names`` (files of ``local``) to ``url``, skipping those already there with the
+    same size; ``manifest.json``, if listed, goes last so a reader never sees a manifest whose
+    shards are missing. Returns the names uploaded."""
+    fs, root = filesystem(url, options)
+    fs.invalidate_cache()
+    names = sorted(names, key=lambda n: n == "manifest.json")
+    done = []
+    for name in names:
+        remote = join(root, name)
+        src = local / name
+        try:
+            same = fs.size(remote) == src.stat().st_size and name != "manifest.json"
+        except (FileNotFoundError, OSError):
+            same = False
+        if same:
+            continue
+        _retry(join(url, name), retries, lambda: fs.put_file(str(src), remote))
+        done.append(name)
+    return done
