@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -36,8 +37,10 @@ class HttpServer:
     actions applied to that path's next GETs, one each: ``"500"``, ``"truncate"`` (the body
     cut in half under the full Content-Length), ``"alter"`` (one byte changed), ``"404"``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, delay_s: float = 0.0, rate_bytes_s: float = 0.0) -> None:
+        """``delay_s`` before every answer, bodies sent at ``rate_bytes_s`` (0: no limit)."""
         self.root = Path(root)
+        self.sent_bytes = 0
         self.log: list[tuple[int, str]] = []
         self.faults: dict[str, list[str]] = {}
         owner = self
@@ -47,6 +50,7 @@ class HttpServer:
                 pass
 
             def do_HEAD(self) -> None:
+                time.sleep(delay_s)
                 path = owner.root / self.path.split("?")[0].lstrip("/")
                 if not path.is_file():
                     self.send_error(404)
@@ -56,6 +60,7 @@ class HttpServer:
                 self.end_headers()
 
             def do_GET(self) -> None:
+                time.sleep(delay_s)
                 name = self.path.split("?")[0].lstrip("/")
                 queue = owner.faults.get(name)
                 action = queue.pop(0) if queue else None
@@ -72,7 +77,13 @@ class HttpServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data[: len(data) // 2] if action == "truncate" else data)
+                body = data[: len(data) // 2] if action == "truncate" else data
+                step = 1 << 16
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i:i + step])
+                    if rate_bytes_s:
+                        time.sleep(min(step, len(body) - i) / rate_bytes_s)
+                owner.sent_bytes += len(body)
                 if action == "truncate":
                     self.close_connection = True
 

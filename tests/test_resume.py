@@ -148,19 +148,19 @@ def test_a_finished_run_extends_and_other_changes_are_refused(digits_shards, tmp
     import json
 
     run = tmp_path / "run"
-    assert main(_single(digits_shards, run, **{"train.epochs": 1})) == 0
-    config_before = (run / "config.yaml").read_text()
     assert main(_single(digits_shards, run, **{"train.epochs": 2})) == 0
-    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2]
+    config_before = (run / "config.yaml").read_text()
+    assert main(_single(digits_shards, run, **{"train.epochs": 4})) == 0
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2, 3, 4]
     info = json.loads((run / "run_info.json").read_text())
-    assert info["resumes"][-1]["changed"] == {"train.epochs": [1, 2]}
+    assert info["resumes"][-1]["changed"] == {"train.epochs": [2, 4]}
     assert (run / "config.yaml").read_text() == config_before  # the record as the run began
     capsys.readouterr()
-    assert main(_single(digits_shards, run, **{"train.epochs": 2, "optim.lr": 2e-3})) == 2
+    assert main(_single(digits_shards, run, **{"train.epochs": 4, "optim.lr": 2e-3})) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optim.lr was 0.001, now 0.002" in err[0]
-    assert main(_single(digits_shards, run, **{"train.epochs": 1})) == 2
-    assert "it trained 2 epochs, more than train.epochs=1" in capsys.readouterr().err
+    assert main(_single(digits_shards, run, **{"train.epochs": 3})) == 2
+    assert "it trained 4 epochs, more than train.epochs=3" in capsys.readouterr().err
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(digits_shards, tmp_path):

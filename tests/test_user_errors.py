@@ -237,3 +237,51 @@ def test_every_command_says_what_it_does_and_its_defaults():
                         (["stream_pml.train", "--help"], "config sections: data, model, loss, optim, pseudo, train")):
         proc = run(*args)
         assert proc.returncode == 0 and shown in " ".join(proc.stdout.split()), args
+
+
+def test_a_resume_with_another_learning_rate_is_refused_and_the_record_kept(trained, digits_shards, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    before = (copy / "config.yaml").read_text()
+    proc = run("stream_pml.train", *tiny_overrides(digits_shards, copy, **{"optim.lr": 3e-3}))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "optim.lr was 0.001, now 0.003" in last_line(proc)
+    assert (copy / "config.yaml").read_text() == before
+
+
+def test_a_truncated_shard_is_skipped_past_and_named(trained, digits_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    tar = shards / "test-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    proc = run("stream_pml.cli", "predict", "--checkpoint", str(trained), "--shards", str(shards),
+               "--out", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = int(proc.stderr.split(" unreadable samples skipped:")[0].split()[-1])
+    assert 0 < skipped <= 8 and f"{tar}: sample at byte" in proc.stderr and "truncated shard" in proc.stderr
+
+
+def test_a_second_ctrl_c_stops_at_once(digits_shards, tmp_path):
+    """The first SIGINT asks for a checkpoint after the step; a second one does not wait."""
+    import signal
+    import time
+
+    code = ("import sys, time; from stream_pml.trainer import Trainer; real = Trainer.train_step\n"
+            "def step(self, b, e):\n"
+            "    print('step', flush=True); time.sleep(30); return real(self, b, e)\n"
+            "Trainer.train_step = step\n"
+            "from stream_pml.train import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *tiny_overrides(digits_shards, tmp_path / "run")],
+                            env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "step" not in proc.stdout.readline():
+            pass
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=20)
+        assert time.monotonic() - t0 < 10 and rc == 128 + signal.SIGINT
+        assert "second signal: stopping now" in proc.stderr.read()
+    finally:
+        proc.kill()
