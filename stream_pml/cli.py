@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="mAP, CP/CR/CF1/OP/OR/OF1 and per-class AP on a split",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
-    e.add_argument("--shards", required=True, type=Path, help="built shard directory (holds manifest.json)")
+    e.add_argument("--shards", required=True, help="built shard directory (holds manifest.json) or its URL")
     e.add_argument("--split", default="test", help="split of --shards to evaluate")
     e.add_argument("--out", type=Path, default=None, help="default: <checkpoint dir>/evaluation")
     r = sub.add_parser("predict", help="labels with scores for images, a folder or a shard split",
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
     r.add_argument("images", nargs="*", help="image files")
     r.add_argument("--folder", type=Path, help="every image in this folder")
-    r.add_argument("--shards", type=Path, help="predict every sample of a built split instead")
+    r.add_argument("--shards", help="predict every sample of a built split instead (directory or URL)")
     r.add_argument("--split", default="test", help="with --shards")
     r.add_argument("--out", type=_predictions_path, default=Path("predictions.jsonl"), help=".jsonl or .csv")
     r.add_argument("--threshold", type=_threshold, default="0.5",

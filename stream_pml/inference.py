@@ -121,7 +121,7 @@ def evaluation_name(shards: Path, split: str) -> str:
     the same name do not overwrite each other."""
     from shard_tools.manifest import load_manifest
 
-    manifest = load_manifest(Path(shards))
+    manifest = load_manifest(shards)
     return f"{manifest.dataset}-{manifest.fingerprint()[:8]}_{split}"
 
 
@@ -216,8 +216,11 @@ def predict_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 
     the split's sample count; unreadable samples are appended to ``skipped``."""
     from shard_tools.manifest import load_manifest
 
+    from shard_tools.remote import is_remote, join, read_text
+
     info = load_manifest(shards).split(split, shards)
-    keys = (Path(shards) / info.keys_file).read_text().splitlines()
+    keys = (read_text(join(str(shards), info.keys_file)) if is_remote(shards)
+            else (Path(shards) / info.keys_file).read_text()).splitlines()
     rows, scores, _, _ = score_shards(lm, shards, split, batch_size, skipped)
     return [{"image": keys[int(r)], "scores": s} for r, s in zip(rows, scores)], info.num_samples
 

@@ -175,3 +175,18 @@ def test_a_cache_limit_below_the_prefetch_window_is_refused_with_the_numbers(htt
                                  **{"data.cache_limit": "10KB"})) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.cache_limit=10KB (10,000 bytes) cannot hold the prefetch window" in line
+
+
+def test_evaluate_and_predict_read_a_split_from_s3(s3, s3_digits, digits_shards, tmp_path):
+    from stream_pml.cli import main as cli
+
+    run = tmp_path / "run"
+    assert train_main(tiny_overrides(digits_shards, run)) == 0
+    local, remote = tmp_path / "eval-local", tmp_path / "eval-s3"
+    assert cli(["evaluate", "--checkpoint", str(run), "--shards", str(digits_shards), "--out", str(local)]) == 0
+    assert cli(["evaluate", "--checkpoint", str(run), "--shards", s3_digits, "--out", str(remote)]) == 0
+    (a,), (b,) = local.glob("evaluation_*.json"), remote.glob("evaluation_*.json")
+    assert a.name == b.name and json.loads(a.read_text())["map"] == json.loads(b.read_text())["map"]
+    out = tmp_path / "p.jsonl"
+    assert cli(["predict", "--checkpoint", str(run), "--shards", s3_digits, "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 40
