@@ -110,10 +110,29 @@ def download(url: str, dest: Path, *, size: int | None = None, sha256: str | Non
     return _retry(url, retries, once)
 
 
+def _same_object(fs, remote: str, src: Path) -> bool:
+    """The object holds ``src``'s bytes: same size and, where the store gives an MD5 ETag
+    (S3 single-part uploads), the same MD5; a rebuilt tar often keeps its size exactly."""
+    try:
+        info = fs.info(remote)
+    except (FileNotFoundError, OSError):
+        return False
+    if info.get("size") != src.stat().st_size:
+        return False
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if len(etag) == 32 and "-" not in etag:
+        md5 = hashlib.md5()
+        with open(src, "rb") as f:
+            while block := f.read(1 << 22):
+                md5.update(block)
+        return md5.hexdigest() == etag
+    return True  # no checksum from this store: the size is all there is to compare
+
+
 def upload_tree(local: Path, url: str, names: list[str], options: dict | None = None,
                 retries: int = 4) -> list[str]:
     """Upload ``names`` (files of ``local``) to ``url``, skipping those already there with the
-    same size; ``manifest.json``, if listed, goes last so a reader never sees a manifest whose
+    same bytes (:func:`_same_object`); ``manifest.json``, if listed, goes last so a reader never sees a manifest whose
     shards are missing. Returns the names uploaded."""
     fs, root = filesystem(url, options)
     fs.invalidate_cache()
@@ -122,11 +141,7 @@ def upload_tree(local: Path, url: str, names: list[str], options: dict | None = 
     for name in names:
         remote = join(root, name)
         src = local / name
-        try:
-            same = fs.size(remote) == src.stat().st_size and name != "manifest.json"
-        except (FileNotFoundError, OSError):
-            same = False
-        if same:
+        if name != "manifest.json" and _same_object(fs, remote, src):
             continue
         _retry(join(url, name), retries, lambda: fs.put_file(str(src), remote))
         done.append(name)

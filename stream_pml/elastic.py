@@ -62,6 +62,9 @@ class EpochPlan:
         # samples trained before the tail), "rows" (per rank)}
         self.tail: dict | None = None
 
+    def has_tail(self, epoch: int) -> bool:
+        return self._tail_for(epoch) is not None
+
     def _tail_for(self, epoch: int) -> dict | None:
         return self.tail if self.tail is not None and self.tail["epoch"] == epoch else None
 
@@ -70,6 +73,9 @@ class EpochPlan:
         if tail is None:
             return self.loader.deal(epoch)
         loader = self.loader
+        if len(tail["rows"]) != loader.world_size:
+            raise RuntimeError(f"epoch {epoch}'s tail was dealt to {len(tail['rows'])} ranks, this run has "
+                               f"{loader.world_size} (a resume on another world size re-deals it first)")
         return EpochDeal(loader.train_split.num_samples, loader.piece_rows, loader.cfg.batch_size,
                          tuple(np.unique(r // loader.piece_rows) for r in tail["rows"]), tuple(tail["rows"]))
 
@@ -124,8 +130,9 @@ def after_resume(trainer: "Trainer", resumed: Path) -> dict:
               "changed": {k: list(v) for k, v in trainer.identity.changed.items()}}
     if old_world != world:
         note = f"resumed on {world} processes a checkpoint of {old_world} at step {trainer.step}"
-        if trainer.batch_in_epoch:
-            epoch = trainer.epoch + 1
+        epoch = trainer.epoch + 1
+        # Mid-epoch, or a tail of another shape not yet started: the rest is re-dealt.
+        if trainer.batch_in_epoch or trainer.plan.has_tail(epoch):
             left = trainer.plan.reshape(epoch, trainer.trained.old or [], world)
             note += f"; the {left:,} samples of epoch {epoch} no rank had trained are re-dealt"
             trainer.batch_in_epoch = 0

@@ -288,6 +288,13 @@ class Trainer:
             bar.close()
         return True
 
+    def _give_back_batch(self) -> None:
+        """The batch taken last is not trained: the stream position saved next must not count
+        it (the torch backend's position is the number of batches handed out; DALI's pipeline
+        position cannot be moved back, so there a resume skips that batch)."""
+        if hasattr(self._stream, "handed_out"):
+            self._stream.handed_out -= 1
+
     def _next_batch(self, batches) -> Batch:
         """The next batch; with remote shards every rank first learns whether any rank could
         not fetch a shard, and then all stop together after a checkpoint (exact: a batch
@@ -303,7 +310,7 @@ class Trainer:
         if not failed:
             return batch.to(self.device)
         if batch is not None:
-            self._stream.handed_out -= 1  # torch backend: its position is the batches handed out
+            self._give_back_batch()
         self.save_checkpoint()
         raise RemoteError(str(error) if error is not None else "another rank could not fetch a shard (see its "
                           "line); the newest checkpoint is intact, resume when the storage is back")
@@ -331,6 +338,7 @@ class Trainer:
         if bad:  # every rank stops together, before this step changes anything
             where = f"non-finite loss at epoch {epoch}, step {self.step + 1} (loss {loss.item()} on this rank)"
             if all(torch.isfinite(p).all() for p in self.model.parameters()):
+                self._give_back_batch()
                 raise NonFiniteLoss(f"{where}; the last good state is saved in {self.save_checkpoint()}")
             found = ckpt.list_checkpoints(self.run_dir)
             raise NonFiniteLoss(f"{where}; the weights are already non-finite, so nothing was saved; "

@@ -190,3 +190,15 @@ def test_evaluate_and_predict_read_a_split_from_s3(s3, s3_digits, digits_shards,
     out = tmp_path / "p.jsonl"
     assert cli(["predict", "--checkpoint", str(run), "--shards", s3_digits, "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 40
+
+
+def test_an_upload_replaces_an_object_of_the_same_size_but_other_bytes(s3, tmp_path):
+    """Tar shards are padded to 10 KiB records, so a rebuilt shard often keeps its size."""
+    from shard_tools.remote import upload_tree
+
+    (tmp_path / "a.tar").write_bytes(b"x" * 10240)
+    assert upload_tree(tmp_path, "s3://bucket/same", ["a.tar"]) == ["a.tar"]
+    assert upload_tree(tmp_path, "s3://bucket/same", ["a.tar"]) == []
+    (tmp_path / "a.tar").write_bytes(b"y" * 10240)
+    assert upload_tree(tmp_path, "s3://bucket/same", ["a.tar"]) == ["a.tar"]
+    assert s3.fs().cat_file("bucket/same/a.tar") == b"y" * 10240

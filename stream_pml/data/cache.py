@@ -58,18 +58,21 @@ class ShardCache:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-prefetch")
         self._queued: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._needs = self.dir / f".needs-{os.getpid()}.json"
+        self._needs = self.dir / f".needs-{os.getpid()}-{id(self)}.json"
         self._gave_up: dict[str, RemoteError] = {}  # asked again, the answer is the same
 
     # -- what this process will read ----------------------------------------------------
     def expect(self, name: str, size: int | None, sha256: str | None) -> None:
         self.expected[name] = (size or None, sha256 or None)
 
-    def plan(self, upcoming: list[str]) -> None:
+    def plan(self, upcoming: list[str], window: int | None = None) -> None:
         """The files this process reads from now to the end of its epoch, in order: the first
-        ``window`` are downloaded in the background now and protected from eviction."""
-        _atomic_json(self._needs, {"pid": os.getpid(), "window": self.window, "upcoming": upcoming})
-        for name in upcoming[: self.window + 1]:
+        ``window`` (default ``data.prefetch_shards``) + 1 are downloaded in the background now
+        and protected from eviction."""
+        window = self.window if window is None else window
+        with self._lock:  # decode threads hint concurrently
+            _atomic_json(self._needs, {"pid": os.getpid(), "window": window, "upcoming": upcoming})
+        for name in upcoming[: window + 1]:
             self.prefetch(name)
 
     def prefetch(self, name: str) -> None:
@@ -91,9 +94,11 @@ class ShardCache:
     def path(self, name: str) -> str:
         """Local path of ``name``, downloaded (once per node) if it is not cached."""
         dest = self.dir / name
-        if dest.exists():
+        try:
             os.utime(dest)  # recently used
             return str(dest)
+        except FileNotFoundError:  # not cached (or evicted a moment ago)
+            pass
         if name in self._gave_up:
             raise self._gave_up[name]
         with _flock(self.dir / f".{name}.lock"):
@@ -191,6 +196,6 @@ def _flock(path: Path):
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)

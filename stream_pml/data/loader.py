@@ -120,6 +120,13 @@ class ShardLoader:
             return tars, idxs
         idxs = [self.cache.path(i) for i in idxs]
         if self.backend == "dali":  # DALI opens every file when its pipeline is built
+            sizes = {s.name: s.size for split in self.manifest.splits.values() for s in split.shards}
+            need = sum(sizes.get(t, 0) for t in tars)
+            if need > self.cache.limit:
+                raise ManifestError(f"data.backend=dali reads this rank's {len(tars)} shards of the epoch "
+                                    f"({need:,} bytes) from the cache at once, more than data.cache_limit="
+                                    f"{self.cfg.cache_limit}; raise the limit or use data.backend=torch")
+            self.cache.plan(list(tars), window=len(tars))  # all of them stay until the epoch ends
             return [self.cache.path(t) for t in tars], idxs
         return CachedShards(list(tars), self.cache), idxs
 

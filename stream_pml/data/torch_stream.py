@@ -136,7 +136,13 @@ class _BatchBuilder:
 
     def _read(self, fds: dict[int, int], shard: int, offset: int, size: int) -> bytes:
         if shard not in fds:
-            fds[shard] = os.open(self.plan.tars[shard], os.O_RDONLY)
+            try:
+                fds[shard] = os.open(self.plan.tars[shard], os.O_RDONLY)
+            except FileNotFoundError:
+                if not hasattr(self.plan.tars, "hint"):
+                    raise
+                # Remote: evicted between the cache's answer and this open; fetched again.
+                fds[shard] = os.open(self.plan.tars[shard], os.O_RDONLY)
         data = os.pread(fds[shard], size, offset)  # no shared file position between threads
         if len(data) != size:
             raise OSError(f"truncated shard (wanted {size} bytes at {offset}, got {len(data)})")
