@@ -47,13 +47,20 @@ def make_records(split_sizes: dict[str, int], image_size: int = 64, seed: int = 
     # Disjoint pools of source digits per split, in proportion to the split sizes.
     order = rng.permutation(len(images))
     total = sum(split_sizes.values())
-    bounds = np.cumsum([0] + [round(len(images) * n / total) for n in split_sizes.values()])
+    # At least 100 source digits per split, so a small split's pool holds every class
+    # (a pool of 2 digits made a 16-image split fail); the largest split gives them up.
+    shares = [max(100, round(len(images) * n / total)) for n in split_sizes.values()]
+    shares[int(np.argmax(shares))] -= sum(shares) - len(images)
+    bounds = np.cumsum([0] + shares)
     bounds[-1] = len(images)
     out: dict[str, list[Record]] = {}
     p = CLASS_WEIGHTS / CLASS_WEIGHTS.sum()
     for (split, n), lo, hi in zip(split_sizes.items(), bounds[:-1], bounds[1:]):
         pool = order[lo:hi]
         by_class = {d: pool[targets[pool] == d] for d in range(10)}
+        if any(len(v) == 0 for v in by_class.values()):
+            raise ValueError(f"split {split}: its pool of {len(pool)} source digits lacks a class; use "
+                             "larger or fewer splits")
         recs = []
         for i in range(n):
             k = int(rng.choice(4, p=NUM_DIGITS_P)) + 1

@@ -309,3 +309,14 @@ def test_verify_finds_damage_and_inspect_writes_its_files(digits_shards, tmp_pat
     tar.write_bytes(bytes(data))
     assert shard_main(["verify", str(copy)]) == 1
     assert "train-000001.tar: checksum differs" in capsys.readouterr().out
+
+
+def test_digits_builds_tiny_splits_beside_a_large_one(tmp_path):
+    """A split of a few images once drew its source digits from a pool lacking classes."""
+    from shard_tools.cli import main
+
+    out = tmp_path / "d"
+    assert main(["build", "digits", "--out", str(out), "--num-train", "3000", "--num-val", "2",
+                 "--num-test", "2", "--shard-size", "1000", "--image-size", "16", "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")] == [3000, 2, 2]
