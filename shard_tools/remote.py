@@ -121,11 +121,8 @@ def _same_object(fs, remote: str, src: Path) -> bool:
         return False
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     if len(etag) == 32 and "-" not in etag:
-        md5 = hashlib.md5()
         with open(src, "rb") as f:
-            while block := f.read(1 << 22):
-                md5.update(block)
-        return md5.hexdigest() == etag
+            return hashlib.file_digest(f, "md5").hexdigest() == etag
     return True  # no checksum from this store: the size is all there is to compare
 
 

@@ -99,13 +99,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: tuple(int(g) for g in PATTERN.match(p.name).groups()))
 
 
+def writers(main: dict, path: Path) -> int:
+    """How many processes wrote the checkpoint at ``path``: its ``trainer.pt`` says (older
+    checkpoints: count its rank files)."""
+    return main.get("world_size", written_by(path))
+
+
 def load(path: Path, rank: int, world_size: int | None = None) -> tuple[dict, list[dict]]:
     """``trainer.pt`` and the per-rank states: this rank's alone when the checkpoint was
     written by ``world_size`` processes (or ``world_size`` is None), else every old rank's
     (a resume on another world size re-deals them)."""
     main = torch.load(path / MAIN_FILE, map_location="cpu", weights_only=False)
-    writers = main.get("world_size", written_by(path))
-    ranks = [rank] if world_size is None or writers == world_size else range(writers)
+    n = writers(main, path)
+    ranks = [rank] if world_size is None or n == world_size else range(n)
     return main, [torch.load(path / RANK_FILE.format(rank=r), map_location="cpu", weights_only=False)
                   for r in ranks]
 

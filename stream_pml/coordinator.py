@@ -131,7 +131,7 @@ class Coordinator:
             return None
         # The states loaded while looking are reused unless another rank chose an older one.
         main_state, rank_states = loaded if index == mine else ckpt.load(ckpts[index], self.dist.rank, world)
-        self.resumed_world_size = main_state.get("world_size", world if len(rank_states) == 1 else len(rank_states))
+        self.resumed_world_size = ckpt.writers(main_state, ckpts[index])
         for states, objs in ((main_state, self.shared), (rank_states[0], self.per_rank)):
             missing = [k for k in objs if k not in states]
             if missing:
@@ -157,15 +157,12 @@ class Coordinator:
         missing = self.record.missing(self.store, self.dist.rank, self.dist.world_size)
         if self.store.cfg.accept_lost_chunks:
             lost = [c for part in broadcast_from_main(gather_to_main(missing)) for c in part]
-            self.record.forget(lost, self.store) if self.dist.is_main else self.record.forget_quietly(lost)
+            self.record.forget(lost, self.store, warn=self.dist.is_main)
         elif all_reduce_flags(bool(missing))[0]:
             if not missing:
                 raise StoreError(f"{self.store.path}: another rank found written chunks missing (see its line)")
-            lo, hi = self.store.chunk_bounds(missing[0])
-            raise StoreError(f"{self.store.chunk_file(missing[0])} (pseudo labels of rows {lo}-{hi - 1}) is missing"
-                             + (f", and {len(missing) - 1} more chunks" if len(missing) > 1 else "")
-                             + "; restore it, or resume with pseudo.accept_lost_chunks=true to restart those "
-                             "rows from pseudo.init")
+            more = f", and {len(missing) - 1} more chunks" if len(missing) > 1 else ""
+            raise StoreError(self.store.lost(missing[0], f"is missing{more}"))
         self.store.expect(self.record.written, self.record.crc)
 
     # -- epochs ----------------------------------------------------------------------------

@@ -202,7 +202,7 @@ class PseudoLabelStore:
                 del self._cache[chunk]
         self.owned = owned
 
-    def _chunk_bounds(self, chunk: int) -> tuple[int, int]:
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.num_rows)
 
@@ -253,7 +253,7 @@ class PseudoLabelStore:
         for chunk in np.unique(chunks):
             chunk = int(chunk)
             if self.owned is not None and chunk not in self.owned:
-                raise StoreError(f"{self.path}: write to chunk {chunk} (rows {self._chunk_bounds(chunk)}) "
+                raise StoreError(f"{self.path}: write to chunk {chunk} (rows {self.chunk_bounds(chunk)}) "
                                  f"by a rank that does not own that shard this epoch")
             if chunk not in self._pending:
                 self._pending[chunk] = (np.empty((self.chunk_rows, self.num_classes), self.array.dtype),
@@ -359,19 +359,19 @@ class PseudoLabelStore:
         crc32 (call when the files match the record: after a resume, at a hand-over)."""
         self._expected = np.where(written, crc.astype(np.int64), -1)
 
-    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        return self._chunk_bounds(chunk)
-
     def chunk_file(self, chunk: int) -> Path:
-        return self._chunk_file(chunk)
-
-    def _chunk_file(self, chunk: int) -> Path:
         return self.path / self.array.metadata.encode_chunk_key((chunk, 0))
+
+    def lost(self, chunk: int, what: str) -> str:
+        """The one-line message for a written chunk that is not what was written."""
+        lo, hi = self.chunk_bounds(chunk)
+        return (f"{self.chunk_file(chunk)} (pseudo labels of rows {lo}-{hi - 1}) {what}; restore it, or resume "
+                "with pseudo.accept_lost_chunks=true to restart those rows from pseudo.init")
 
     def _chunk_bytes(self, chunk: int) -> bytes | None:
         """Chunk ``chunk``'s file as stored; None when it was never written (the fill value)."""
         try:
-            return self._chunk_file(chunk).read_bytes()
+            return self.chunk_file(chunk).read_bytes()
         except FileNotFoundError:
             return None
 
@@ -380,21 +380,18 @@ class PseudoLabelStore:
         blob = self._chunk_bytes(chunk)
         expected = -1 if self._expected is None else int(self._expected[chunk])
         if expected >= 0 and (blob is None or crc32(blob) != expected):
-            lo, hi = self._chunk_bounds(chunk)
-            what = "is missing" if blob is None else "does not hold the bytes last written (crc32 differs)"
-            raise StoreError(f"{self._chunk_file(chunk)} (pseudo labels of rows {lo}-{hi - 1}) {what}; restore "
-                             "it, or resume with pseudo.accept_lost_chunks=true to restart those rows from "
-                             "pseudo.init")
+            raise StoreError(self.lost(chunk, "is missing" if blob is None
+                                       else "does not hold the bytes last written (crc32 differs)"))
         if blob is None:  # read as Zarr reads a chunk never written
             return np.full((self.chunk_rows, self.num_classes), self.array.fill_value, self.array.dtype)
         try:
             return self.codec.decode(blob)
         except Exception as exc:
-            raise StoreError(f"{self._chunk_file(chunk)}: corrupt pseudo-label chunk {chunk} ({exc})") from exc
+            raise StoreError(f"{self.chunk_file(chunk)}: corrupt pseudo-label chunk {chunk} ({exc})") from exc
 
     def _replace_chunk_file(self, chunk: int, blob: bytes | None) -> None:
         """Atomically set chunk ``chunk``'s file to ``blob`` (None: no file, the fill value)."""
-        path = self._chunk_file(chunk)
+        path = self.chunk_file(chunk)
         if blob is None:
             path.unlink(missing_ok=True)
         else:

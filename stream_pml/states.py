@@ -46,8 +46,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 class RunIdentity:
     """Checked first on resume: a checkpoint of another dataset, or of a run configured
     otherwise outside :data:`MAY_CHANGE_AT_RESUME`, is refused with the key that differs.
-    After a load, ``changed`` maps each allowed key that differs to (old, new), and
-    ``resumed_world_size`` is the checkpoint's number of processes."""
+    After a load, ``changed`` maps each allowed key that differs to (old, new)."""
 
     def __init__(self, config: dict, world_size: int, manifest: str, classes: list[str]):
         self.config = config
@@ -55,7 +54,6 @@ class RunIdentity:
         self.manifest = manifest
         self.classes = classes
         self.changed: dict[str, tuple] = {}
-        self.resumed_world_size: int | None = None
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "manifest": self.manifest,
@@ -77,7 +75,6 @@ class RunIdentity:
                                   "the number of processes and the keys listed in README \"Resume\" may "
                                   "change (use a new train.run_dir for another setting)")
             self.changed[key] = (old, new)
-        self.resumed_world_size = state["world_size"]
 
 
 class RandomStates:

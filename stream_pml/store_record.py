@@ -39,13 +39,10 @@ class StoreRecord:
         mine = np.flatnonzero(self.written)
         return [int(c) for c in mine[mine % world_size == rank] if not store.chunk_file(int(c)).exists()]
 
-    def forget_quietly(self, chunks: list[int]) -> None:
-        self.written[chunks] = False
-
-    def forget(self, chunks: list[int], store) -> None:
+    def forget(self, chunks: list[int], store, warn: bool = True) -> None:
         """Accept lost chunks: they read as the fill value (``pseudo.init``) from now on."""
-        self.forget_quietly(chunks)
-        for c in chunks:
+        self.written[chunks] = False
+        for c in chunks if warn else ():
             lo, hi = store.chunk_bounds(c)
             warnings.warn(f"{store.chunk_file(c)} is missing: rows {lo}-{hi - 1} start again from "
                           f"pseudo.init (pseudo.accept_lost_chunks=true)")

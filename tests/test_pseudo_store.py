@@ -241,7 +241,7 @@ def test_corrupt_chunk_file_is_named(tmp_path):
     (tmp_path / "ck").mkdir()
     store.save_journal(tmp_path / "ck", 0)
     store.apply_journal_async(tmp_path / "ck", 0).result()
-    chunk_file = store._chunk_file(1)
+    chunk_file = store.chunk_file(1)
     chunk_file.write_bytes(b"not zstd")
     with pytest.raises(StoreError, match=r"c/1/0.*corrupt pseudo-label chunk 1"):
         _store(tmp_path / "s.zarr").read(torch.tensor([11]))

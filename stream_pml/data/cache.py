@@ -54,7 +54,6 @@ class ShardCache:
         self.window = window
         self.expected: dict[str, tuple[int | None, str | None]] = {}  # name -> (size, sha256)
         self.failed: RemoteError | None = None  # a download that stayed unavailable
-        self.downloads = 0  # by this process (tests, benchmarks)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-prefetch")
         self._queued: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -111,7 +110,6 @@ class ShardCache:
                     except RemoteError as exc:
                         self._gave_up[name] = exc
                         raise
-                    self.downloads += 1
             else:
                 os.utime(dest)
         return str(dest)

@@ -120,8 +120,7 @@ class ShardLoader:
             return tars, idxs
         idxs = [self.cache.path(i) for i in idxs]
         if self.backend == "dali":  # DALI opens every file when its pipeline is built
-            sizes = {s.name: s.size for split in self.manifest.splits.values() for s in split.shards}
-            need = sum(sizes.get(t, 0) for t in tars)
+            need = sum(self.cache.expected[t][0] or 0 for t in tars)
             if need > self.cache.limit:
                 raise ManifestError(f"data.backend=dali reads this rank's {len(tars)} shards of the epoch "
                                     f"({need:,} bytes) from the cache at once, more than data.cache_limit="
