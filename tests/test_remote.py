@@ -202,3 +202,51 @@ def test_an_upload_replaces_an_object_of_the_same_size_but_other_bytes(s3, tmp_p
     (tmp_path / "a.tar").write_bytes(b"y" * 10240)
     assert upload_tree(tmp_path, "s3://bucket/same", ["a.tar"]) == ["a.tar"]
     assert s3.fs().cat_file("bucket/same/a.tar") == b"y" * 10240
+
+
+def test_caches_sharing_a_directory_count_each_others_downloads_safely(digits_shards, tmp_path):
+    """Four caches (as four local ranks) fetch and evict in one directory at once: a neighbour's
+    reservation that ends while another lists the directory is not an error, the limit holds,
+    and a reservation left by a killed process is not counted."""
+    import threading
+
+    server = HttpServer(digits_shards.parent, delay_s=0.002)
+    try:
+        manifest = json.loads((digits_shards / "manifest.json").read_text())
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        limit = 5 * max(s["size"] for s in shards)  # four downloads at once fit; all shards do not
+        assert limit < sum(s["size"] for s in shards)
+        caches = [ShardCache(f"{server.url}/{digits_shards.name}", tmp_path / "cache", limit, window=0)
+                  for _ in range(4)]
+        for cache in caches:
+            for s in shards:
+                cache.expect(s["name"], s["size"], s.get("sha256"))
+        errors, over = [], []
+
+        def work(cache, k):
+            try:
+                for i in range(30):
+                    cache.path(shards[(k + i) % len(shards)]["name"])
+                    with_lock_used = cache._used_bytes()
+                    if with_lock_used > limit + max(s["size"] for s in shards) * len(caches):
+                        over.append(with_lock_used)
+            except Exception as exc:  # noqa: BLE001 - the test reports any failure
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=work, args=(c, k)) for k, c in enumerate(caches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert not over
+        files = [p for p in caches[0].dir.iterdir() if not p.name.startswith(".") and p.name != "SOURCE"]
+        assert sum(p.stat().st_size for p in files) <= limit
+        assert not list(caches[0].dir.glob("*.reserve"))
+        # A download killed with its reservation in place: the next count drops it.
+        (caches[0].dir / ".ghost.tar.reserve").write_text(f"{limit} 999999999")
+        assert caches[0]._used_bytes() == sum(p.stat().st_size for p in files)
+        for cache in caches:
+            cache.close()
+    finally:
+        server.stop()

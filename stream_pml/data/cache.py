@@ -122,19 +122,30 @@ class ShardCache:
             used = self._used_bytes()
             if used + need > self.limit:
                 self._evict(used + need - self.limit, name)
-            reservation.write_text(str(need))
+            reservation.write_text(f"{need} {os.getpid()}")
         try:
             yield
         finally:
-            reservation.unlink(missing_ok=True)
+            # Under the node's lock, so a neighbour's _used_bytes never lists a reservation
+            # that is gone when it reads it.
+            with _flock(self.dir / ".cache.lock"):
+                reservation.unlink(missing_ok=True)
 
     def _used_bytes(self) -> int:
+        """Bytes of cached files and of downloads under way; called under the node's lock."""
         total = 0
         for p in self.dir.iterdir():
-            if p.name.endswith(".reserve"):
-                total += int(p.read_text() or 0)
-            elif not p.name.startswith(".") and p.name != "SOURCE":
-                total += p.stat().st_size
+            try:
+                if p.name.endswith(".reserve"):
+                    need, _, pid = p.read_text().partition(" ")
+                    if pid and not _alive(int(pid)):  # a killed download reserves nothing
+                        p.unlink(missing_ok=True)
+                        continue
+                    total += int(need or 0)
+                elif not p.name.startswith(".") and p.name != "SOURCE":
+                    total += p.stat().st_size
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
         return total
 
     def _evict(self, excess: int, incoming: str) -> None:
@@ -142,7 +153,8 @@ class ShardCache:
         for needs in self.dir.glob(".needs-*.json"):
             try:
                 info = json.loads(needs.read_text())
-                os.kill(info["pid"], 0)  # a process that ended needs nothing
+                if not _alive(info["pid"]):  # a process that ended needs nothing
+                    raise ValueError
             except (OSError, ValueError, KeyError):
                 needs.unlink(missing_ok=True)
                 continue
@@ -181,6 +193,16 @@ class CachedShards:
 
     def hint(self, upcoming: list[int]) -> None:
         self.cache.plan([self.names[k] for k in upcoming])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
