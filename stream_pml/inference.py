@@ -57,7 +57,8 @@ def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
         raise ValueError(f"{source}: not a stream-pml model checkpoint (no classes/config)")
     cfg = state["config"]
     model = build_model(ModelConfig(arch=cfg["model"]["arch"]), len(state["classes"]))
-    model.load_state_dict(state["model"])
+    # A training checkpoint of a run with train.ema_decay: the average is the run's model.
+    model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
     model.eval().to(device or torch.device("cpu"))
     thresholds = state.get("thresholds")
     return LoadedModel(model, list(state["classes"]), int(cfg["data"]["image_size"]), cfg["model"]["arch"],

@@ -27,6 +27,7 @@ from .data.loader import default_threads
 from .distributed import DistInfo, StopOnSignal, all_reduce_flags
 from .elastic import EpochPlan, TrainedRows, after_resume
 from .evaluation import evaluate
+from .ema import WeightAverage
 from .model import settle_ddp_buckets
 from .run_dir import StepLog, plot_map_curve, write_csv, write_json
 from .run_dir import start as start_run_dir
@@ -54,6 +55,9 @@ class TrainConfig:
     # Deterministic CUDA kernels (slower), so a resumed GPU run ends bitwise equal to an
     # uninterrupted one; CPU kernels already are.
     deterministic: bool = False
+    # Evaluate, select and save an exponential moving average of the weights (ema.py) with
+    # this decay per step (e.g. 0.998: an average over the last ~500 steps); 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"train.resume: {self.resume!r} is not one of auto, never")
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.keep_checkpoints < 1 or self.eval_every < 1 or self.log_every < 1:
             raise ValueError("train.keep_checkpoints, train.eval_every and train.log_every must be >= 1")
 
@@ -89,6 +95,9 @@ class Trainer:
         self.raw_model, self.model = place_model(  # raw_model: what checkpoints hold
             build_model(cfg.model, self.num_classes), self.device, channels_last=channels_last,
             compile_model=cfg.train.compile, ddp=dist_info.grouped, warn=dist_info.is_main)
+        self.ema = WeightAverage(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        # What is evaluated, selected on validation and saved as best.pt.
+        self.eval_model = self.ema.module if self.ema is not None else self.raw_model
         self.normalize = Normalizer(channels_last)
         self.use_amp = cfg.train.amp is not False and self.device.type == "cuda"
         if cfg.train.amp and not self.use_amp and dist_info.is_main:
@@ -119,7 +128,8 @@ class Trainer:
         self.identity = RunIdentity(self.config_dict, dist_info.world_size, self.loader.manifest.fingerprint(),
                                     self.loader.manifest.classes)
         shared = {"run": self.identity, "model": self.raw_model, "optimizer": self.optimizer,
-                  "scheduler": self.scheduler, "estimator": self.estimator, "progress": self, "plan": self.plan}
+                  "scheduler": self.scheduler, "estimator": self.estimator, "progress": self, "plan": self.plan,
+                  "ema": self.ema}
         for key, obj in shared.items():
             if obj is not None:
                 self.coordinator.register(key, obj)
@@ -198,7 +208,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         result, thresholds = evaluate(
-            self.raw_model, self.loader.eval_batches(split), num_classes=self.num_classes,
+            self.eval_model, self.loader.eval_batches(split), num_classes=self.num_classes,
             device=self.device, normalize=self.normalize, use_amp=self.use_amp,
             calibrate=split == self.cfg.data.val_split)
         if thresholds is not None:
@@ -214,7 +224,7 @@ class Trainer:
             step_log.epoch(result)
             if best is result:  # the selected model: by validation mAP only
                 ckpt.save_best(self.run_dir, {
-                    "model": self.raw_model.state_dict(), "epoch": epoch, "val_map": result["map"],
+                    "model": self.eval_model.state_dict(), "epoch": epoch, "val_map": result["map"],
                     "config": self.config_dict, "classes": self.loader.manifest.classes,
                     "thresholds": self._val_thresholds})
             print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
@@ -225,7 +235,7 @@ class Trainer:
         selected = {"epoch": self.epoch, "by": "last epoch (no validation split)"}
         if self.cfg.data.val_split and (self.run_dir / "best.pt").exists():
             best = torch.load(self.run_dir / "best.pt", map_location=self.device, weights_only=False)
-            self.raw_model.load_state_dict(best["model"])
+            self.eval_model.load_state_dict(best["model"])
             selected = {"epoch": best["epoch"], "by": f"best {self.cfg.data.val_split} mAP",
                         "val_map": best["val_map"]}
         test = self.evaluate(self.cfg.data.test_split) if self.cfg.data.test_split else {}
@@ -348,6 +358,8 @@ class Trainer:
         if self.estimator is not None:
             self.estimator.average_grad_over_ranks(batch.rows_B)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
         self.step += 1
         if self.loss_fn.uses_pseudo:
             self.store.write(batch.rows_B, torch.sigmoid(logits_BC.detach().float()), pseudo_BC)

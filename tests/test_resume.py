@@ -24,15 +24,18 @@ from .conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
+# ema_decay: the weight average is state a resume must restore exactly, too.
 RUN = {"train.epochs": 2, "train.checkpoint_every": 3, "loss.name": "pml",
-       "data.label_setting": "pal", "data.label_ratio": 0.5}
+       "data.label_setting": "pal", "data.label_ratio": 0.5, "train.ema_decay": 0.9}
 
 
 def _final_state(run: Path) -> tuple[dict, np.ndarray]:
     import zarr
 
     last = ckpt.list_checkpoints(run)[-1]
-    model = torch.load(last / ckpt.MAIN_FILE, weights_only=False)["model"]
+    state = torch.load(last / ckpt.MAIN_FILE, weights_only=False)
+    model = {**state["model"], **{f"ema.{k}": v for k, v in state["ema"]["module"].items()},
+             "ema.updates": torch.tensor(state["ema"]["updates"])}
     store = zarr.open_array(str(run / "pseudo_labels.zarr"), mode="r")[:]
     return model, store
 

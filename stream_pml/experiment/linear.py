@@ -46,13 +46,21 @@ def parse_setting(setting: str) -> tuple[str, float | None]:
     raise ValueError(f"label setting {setting!r}: expected fal, spl, palX or pplX")
 
 
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: {name!r} is not adam or adamw")
+
+
 def _map(scores: np.ndarray, Y: np.ndarray) -> float:
     return mean_average_precision(scores, Y == 1, Y >= 0)
 
 
 def train_cell(data: FeatureData, method: str, setting: str, seed: int, *, epochs: int = 20,
                lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 1e-4,
-               detail: bool = False) -> dict:
+               optimizer: str = "adam", detail: bool = False) -> dict:
     """Train, select the epoch on validation mAP, report that epoch's test mAP.
 
     ``detail``: also return ``history`` (per epoch: validation mAP, mean pseudo label, and
@@ -90,7 +98,7 @@ def train_cell(data: FeatureData, method: str, setting: str, seed: int, *, epoch
 
         estimator = LabelEstimator(partial, seed=seed)
         params += list(estimator.parameters())
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, params, lr, weight_decay)
     pseudo = torch.full((N, C), 0.5)
     best = {"val_map": -1.0}
     history = []
