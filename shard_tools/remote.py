@@ -85,23 +85,31 @@ def download(url: str, dest: Path, *, size: int | None = None, sha256: str | Non
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
 
     def once() -> Path:
-        digest = hashlib.sha256()
-        written = 0
         start = time.monotonic()
         try:
-            # HTTP: one streamed GET (servers need not support ranges); object stores: 4 MiB reads.
-            block = 0 if url.startswith(("http://", "https://")) else 1 << 22
-            with fs.open(path, "rb", block_size=block) as src, open(tmp, "wb") as out:
-                while chunk := src.read(1 << 22):
-                    if time.monotonic() - start > timeout_s:
-                        raise TimeoutError(f"download took longer than {timeout_s} s")
-                    digest.update(chunk)
-                    out.write(chunk)
-                    written += len(chunk)
+            if url.startswith(("http://", "https://")):
+                # One streamed GET (servers need not support ranges), the clock checked as it goes.
+                with fs.open(path, "rb", block_size=0) as src, open(tmp, "wb") as out:
+                    while chunk := src.read(1 << 22):
+                        if time.monotonic() - start > timeout_s:
+                            raise TimeoutError(f"download took longer than {timeout_s} s")
+                        out.write(chunk)
+            else:
+                # Object stores: the client's own whole-object download (one streamed GET on
+                # S3). Reading through fs.open costs a ranged GET per block and several times
+                # the client CPU (measured: 0.18 s against 0.03 s for a 27 MB shard from a
+                # local S3 server), CPU the loader's decoding needs.
+                fs.get_file(path, str(tmp))
+                if time.monotonic() - start > timeout_s:
+                    raise TimeoutError(f"download took longer than {timeout_s} s")
+            written = tmp.stat().st_size
             if size is not None and written != size:
                 raise Mismatch(f"got {written} bytes, the manifest says {size}")
-            if sha256 and digest.hexdigest() != sha256:
-                raise Mismatch(f"sha256 {digest.hexdigest()[:12]}... differs from the manifest's {sha256[:12]}...")
+            if sha256:
+                with open(tmp, "rb") as f:
+                    got = hashlib.file_digest(f, "sha256").hexdigest()
+                if got != sha256:
+                    raise Mismatch(f"sha256 {got[:12]}... differs from the manifest's {sha256[:12]}...")
             tmp.replace(dest)
             return dest
         finally:
