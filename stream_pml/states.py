@@ -43,6 +43,14 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _schema_defaults() -> dict:
+    from omegaconf import OmegaConf
+
+    from .config import Config  # config imports the modules that import this one
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
 class RunIdentity:
     """Checked first on resume: a checkpoint of another dataset, or of a run configured
     otherwise outside :data:`MAY_CHANGE_AT_RESUME`, is refused with the key that differs.
@@ -65,10 +73,15 @@ class RunIdentity:
             raise ResumeError(f"cannot resume {run_dir}: its shards' manifest is {state['manifest']!r}, these "
                               f"are {self.manifest!r} (another dataset or build; use a new train.run_dir)")
         then, now = flatten(state["config"]), flatten(self.config)
+        defaults = _schema_defaults()
         self.changed = {}
         for key in sorted(set(then) | set(now)):
             old, new = then.get(key, "<absent>"), now.get(key, "<absent>")
             if old == new:
+                continue
+            # A key added to stream-pml after the run began, left at its default: new keys
+            # default to the behaviour before them (train.ema_decay=0 is no average).
+            if key not in then and key in defaults and new == defaults[key]:
                 continue
             if key not in MAY_CHANGE_AT_RESUME:
                 raise ResumeError(f"cannot resume {run_dir}: {key} was {old!r}, now {new!r}; at resume only "

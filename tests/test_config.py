@@ -61,3 +61,19 @@ def test_shipped_run_files_load():
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(str(path))
+
+
+def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default():
+    """A checkpoint whose config lacks a key added since (train.ema_decay) trained as the
+    default does; any other value for it is a change and refused."""
+    from stream_pml.checkpoint import ResumeError
+    from stream_pml.config import to_dict
+    from stream_pml.states import RunIdentity
+
+    old = to_dict(load_config(None, ["data.shards=x"]))
+    del old["train"]["ema_decay"]
+    saved = RunIdentity(old, 1, "m", ["a"]).state_dict()
+    RunIdentity(to_dict(load_config(None, ["data.shards=x"])), 1, "m", ["a"]).load_state_dict(saved)
+    with pytest.raises(ResumeError, match="train.ema_decay was '<absent>', now 0.9"):
+        RunIdentity(to_dict(load_config(None, ["data.shards=x", "train.ema_decay=0.9"])), 1, "m",
+                    ["a"]).load_state_dict(saved)
