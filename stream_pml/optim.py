@@ -10,10 +10,15 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("onecycle", "constant")
+OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass
 class OptimConfig:
+    # adam: weight decay added to the gradient (coupled L2; its strength relative to the loss
+    # depends on the loss's scale, which pml's alpha/beta shrink); adamw: decoupled decay,
+    # the same shrink per step whatever the loss (BENCHMARKS.md "Optimizer").
+    name: str = "adam"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     schedule: str = "onecycle"
@@ -22,6 +27,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name: {self.name!r} is not one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
         if not 0.0 < self.pct_start < 1.0:
@@ -29,7 +36,8 @@ class OptimConfig:
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class ProgressSchedule:

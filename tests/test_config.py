@@ -35,6 +35,7 @@ def test_typo_in_yaml_names_the_key(tmp_path):
 @pytest.mark.parametrize("override, field", [
     ("data.label_setting=xal", "data.label_setting"),
     ("optim.lr=-1", "optim.lr"),
+    ("optim.name=sgd", "optim.name"),
     ("loss.name=nope", "loss.name"),
     ("+loss.params.gama=0.1", "loss.params.gama"),
     ("model.arch=resnet5000", "model.arch"),
