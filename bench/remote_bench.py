@@ -9,7 +9,10 @@ TCP proxy on 127.0.0.1 that holds every request ``--delay-ms`` and relays answer
 ``--rate-mbs`` per connection; ``http``: tests/remote_servers.py's HTTP server with the same
 delay and cap. One training epoch of the split (decode and resize to ``--image-size``) is read
 from local disk and from the server with ``data.prefetch_shards`` 0, 1, 2 and 4, each with an
-empty cache, in this one process. Reports steady-state samples/s (after the first batch) as a
+empty cache, in this one process, ``--repeats`` times (the median is reported).
+``--backend dali`` (CPU DALI here): local disk through DALI's reader and through
+external_source, and from the server through both: the reader needs the rank's whole epoch
+cached before its pipeline is built, external_source reads through the prefetch window. Reports steady-state samples/s (after the first batch) as a
 share of local, time to the first batch, and bytes the server sent per epoch. Writes
 bench/results/remote-<server>.md and .json.
 """
@@ -30,12 +33,14 @@ REPO = Path(__file__).resolve().parents[1]
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def epoch(shards: str, cache_dir: Path, prefetch: int, image_size: int) -> dict:
+def epoch(shards: str, cache_dir: Path, prefetch: int, image_size: int, backend: str = "torch",
+          dali_source: str = "auto") -> dict:
     from stream_pml.data.config import DataConfig
     from stream_pml.data.loader import ShardLoader
 
     cfg = DataConfig(shards=shards, image_size=image_size, batch_size=32, val_split="", test_split="",
-                     backend="torch", cache_dir=str(cache_dir), prefetch_shards=prefetch, cache_limit="50GB")
+                     backend=backend, dali_source=dali_source, cache_dir=str(cache_dir),
+                     prefetch_shards=prefetch, cache_limit="50GB")
     t0 = time.perf_counter()
     loader = ShardLoader(cfg)
     stream = loader.train_stream(1)
@@ -138,9 +143,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--delay-ms", type=float, default=50)
     ap.add_argument("--rate-mbs", type=float, default=200, help="server bandwidth cap per connection, MB/s")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--backend", choices=("torch", "dali"), default="torch")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per row; the median run is reported")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    out = args.out or REPO / f"bench/results/remote-{args.server}"
+    out = args.out or REPO / "bench/results" / (f"remote-{args.server}" + ("-dali" if args.backend == "dali" else ""))
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("needs 2 cores: one for the server, the rest for the loader")
@@ -159,20 +166,31 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(len(cores) - 1)
+    # (source, backend label, dali_source, prefetch); the first row is the baseline.
+    if args.backend == "torch":
+        plan = [("local disk", "torch", "auto", None)] + [(args.server, "torch", "auto", k) for k in (0, 1, 2, 4)]
+    else:
+        plan = ([("local disk", "dali reader", "reader", None), ("local disk", "dali external", "external", None),
+                 (args.server, "dali reader", "reader", 2)]
+                + [(args.server, "dali external", "external", k) for k in (0, 1, 2, 4)])
     rows = []
     try:
-        local = epoch(str(args.shards), Path(tempfile.mkdtemp()), 0, args.image_size)
-        rows.append({"source": "local disk", "prefetch": "-", **local, "bytes": 0})
-        print(rows[-1], flush=True)
-        for prefetch in (0, 1, 2, 4):
-            before = sent.value
-            with tempfile.TemporaryDirectory() as cache:
-                r = epoch(url, Path(cache), prefetch, args.image_size)
-            time.sleep(0.5)  # the http server's count is published every 0.2 s
-            rows.append({"source": args.server, "prefetch": prefetch, **r, "bytes": sent.value - before})
+        for source, label, dali_source, prefetch in plan:
+            runs = []
+            for _ in range(args.repeats):
+                before = sent.value
+                with tempfile.TemporaryDirectory() as cache:
+                    r = epoch(str(args.shards) if prefetch is None else url, Path(cache), prefetch or 0,
+                              args.image_size, args.backend, dali_source)
+                time.sleep(0.5)  # the http server's count is published every 0.2 s
+                runs.append({**r, "bytes": sent.value - before})
+            runs.sort(key=lambda r: r["samples_per_s"])
+            rows.append({"source": source, "backend": label, "prefetch": "-" if prefetch is None else prefetch,
+                         **runs[len(runs) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in runs]})
             print(rows[-1], flush=True)
     finally:
         server.kill()
+    local = rows[0]
     for r in rows:
         r["share_of_local"] = r["samples_per_s"] / local["samples_per_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,10 +198,12 @@ def main(argv=None) -> dict:
                                                     "loader_cores": len(cores) - 1, "rows": rows}, indent=1))
     lines = [f"server ({args.server}, own core): {args.delay_ms:g} ms per request, {args.rate_mbs:g} MB/s per "
              f"connection; loader on {len(cores) - 1} core(s); {args.shards}", "",
-             "| source | prefetch_shards | first batch (s) | samples/s | share of local | MB sent by the server |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['source']} | {r['prefetch']} | {r['first_batch_s']:.2f} | {r['samples_per_s']:.0f} | "
-              f"{100 * r['share_of_local']:.0f} % | {r['bytes'] / 1e6:.1f} |" for r in rows]
+             f"median of {args.repeats} run(s) per row; share of the first row", "",
+             "| source | loader | prefetch_shards | first batch (s) | samples/s | share of local | runs (samples/s) | MB sent by the server |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['source']} | {r['backend']} | {r['prefetch']} | {r['first_batch_s']:.2f} | {r['samples_per_s']:.0f} | "
+              f"{100 * r['share_of_local']:.0f} % | {', '.join(f'{x:.0f}' for x in r['samples_per_s_runs'])} | "
+              f"{r['bytes'] / 1e6:.1f} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return {"rows": rows}

@@ -92,6 +92,23 @@ def test_dali_mixed_decode_delivers_batches_on_the_gpu(digits_shards):
     assert batch.images_BCHW.shape == (8, 3, 64, 64) and batch.images_BCHW.dtype == torch.uint8
 
 
+@NEEDS_DALI
+def test_dali_fed_externally_decodes_on_the_gpu_with_the_torch_backends_rows(digits_shards):
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.dali_external import DaliExternalStream
+    from stream_pml.data.torch_stream import TorchShardStream
+
+    tars, idxs = shard_paths(digits_shards, load_manifest(digits_shards).splits["train"])
+    kw = dict(image_size=64, batch_size=8, train=True, flip=True, seed=0, shuffle_buffer=8)
+    ext = list(DaliExternalStream(tars, idxs, num_threads=2, **kw))
+    ref = list(TorchShardStream(tars, idxs, num_workers=1, **kw))
+    assert len(ext) == len(ref)
+    for a, b in zip(ext, ref):
+        assert a.images_BCHW.device.type == "cuda" and a.images_BCHW.dtype == torch.uint8
+        assert torch.equal(a.rows_B.cpu(), b.rows_B)
+        assert (a.images_BCHW.cpu().float() - b.images_BCHW.float()).abs().mean() < 12
+
+
 def _argv(shards: Path, run: Path, backend: str) -> list[str]:
     return tiny_overrides(shards, run, **{
         "data.backend": backend, "data.image_size": 64, "model.arch": "resnet18",

@@ -13,12 +13,14 @@ from stream_pml.data.config import DataConfig
 from stream_pml.data.loader import ShardLoader
 
 
-BACKENDS = pytest.mark.parametrize("backend", ["dali", "torch"])
+# dali-external: DALI decoding samples read in Python (data.dali_source=external).
+BACKENDS = pytest.mark.parametrize("backend", ["dali", "torch", "dali-external"])
 
 
 def _cfg(shards, backend="dali", **kw):
+    source = "external" if backend == "dali-external" else "reader"
     base = dict(shards=str(shards), image_size=32, batch_size=8, eval_batch_size=16,
-                num_threads=1, shuffle_buffer=8, backend=backend)
+                num_threads=1, shuffle_buffer=8, backend=backend.split("-")[0], dali_source=source)
     base.update(kw)
     return DataConfig(**base)
 
@@ -108,6 +110,37 @@ def test_backends_agree_on_labels_and_roughly_on_pixels(digits_shards):
         img_t, pos_t = out["torch"][row]
         assert pos == pos_t
         assert (img - img_t).abs().mean() < 12  # two resize kernels, same picture
+
+
+def test_dali_fed_externally_gives_the_torch_backends_batches(digits_shards):
+    """Same rows, labels and flips in the same batches as the torch backend (its order and
+    reads), pixels from DALI's decoder: close to the torch backend's, flipped alike."""
+    kw = dict(seed=4, world_size=2, rank=1)
+    ext = list(ShardLoader(_cfg(digits_shards, "dali-external", flip=True), **kw).train_epoch(2))
+    ref = list(ShardLoader(_cfg(digits_shards, "torch", flip=True), **kw).train_epoch(2))
+    assert len(ext) == len(ref) > 1
+    for a, b in zip(ext, ref):
+        assert torch.equal(a.rows_B, b.rows_B)
+        assert torch.equal(a.pos_BP, b.pos_BP) and torch.equal(a.neg_BN, b.neg_BN)
+        assert (a.images_BCHW.float() - b.images_BCHW.float()).abs().mean() < 12
+
+
+def test_dali_fed_externally_skips_unreadable_samples_like_the_torch_backend(digits_shards, tmp_path):
+    """A zeroed image (its header is not an image's) and a truncated shard's lost samples are
+    skipped and named before DALI sees them; the other samples still come, through DALI."""
+    from stream_pml.data.dali_external import DaliExternalStream
+    from stream_pml.data.torch_stream import read_index
+
+    tars, idxs, offset = _corrupt_copy(digits_shards, tmp_path)
+    with open(tars[3], "r+b") as f:
+        f.truncate(int(read_index(idxs[3])[20, 0, 0]))  # the last shard loses its last 4 samples
+    stream = DaliExternalStream(tars, idxs, image_size=32, batch_size=8, train=True, flip=True, seed=0,
+                                num_threads=1, shuffle_buffer=8)
+    with pytest.warns(UserWarning, match="so far"):
+        rows = np.concatenate([b.rows_B.numpy() for b in stream])
+    assert len(rows) == len(set(rows.tolist())) == 96 - 1 - 4 and len(stream.builder.bad) == 5
+    assert any(f"byte {offset}: ValueError" in line for line in stream.builder.bad)
+    assert sum("truncated shard" in line for line in stream.builder.bad) == 4
 
 
 def test_normalize_matches_the_imagenet_formula():

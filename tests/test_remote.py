@@ -146,7 +146,10 @@ def test_a_shard_that_stays_wrong_or_is_gone_ends_the_run_in_one_line(http, digi
     assert train_main(_http_argv(http, digits_shards, run, cache, **{"train.epochs": 2})) == 0
 
 
-def test_a_cache_smaller_than_the_dataset_stays_under_its_limit(http, digits_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_cache_smaller_than_the_dataset_stays_under_its_limit(http, digits_shards, tmp_path, monkeypatch, backend):
+    """Also with DALI (fed from the cache through external_source): its reader would need the
+    whole epoch's shards cached at once and was refused here."""
     manifest = json.loads((digits_shards / "manifest.json").read_text())
     sizes = [s["size"] for split in manifest["splits"].values() for s in split["shards"]]
     limit = 4 * max(sizes) + 64 * 1024  # the window (3 shards) and a little
@@ -163,7 +166,8 @@ def test_a_cache_smaller_than_the_dataset_stays_under_its_limit(http, digits_sha
     monkeypatch.setattr(ShardCache, "path", path)
     d = digits_shards.name
     argv = _http_argv(http, digits_shards, tmp_path / "run", tmp_path / "cache",
-                      **{"data.cache_limit": limit, "data.val_split": "''", "data.test_split": "''"})
+                      **{"data.cache_limit": limit, "data.val_split": "''", "data.test_split": "''",
+                         "data.backend": backend})
     assert train_main(argv) == 0
     for shard in manifest["splits"]["train"]["shards"]:
         assert http.gets(f"{d}/{shard['name']}") == 1  # one epoch: each shard once

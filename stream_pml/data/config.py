@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 # auto: DALI when CUDA is present, else the torch-native backend, which measured faster on
 # CPU-only machines (BENCHMARKS.md); both are tested.
 BACKENDS = ("auto", "dali", "torch")
+DALI_SOURCES = ("auto", "reader", "external")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class DataConfig:
     eval_batch_size: int = 128
     flip: bool = True
     backend: str = "auto"
+    # How DALI gets the samples: "reader" (its readers.webdataset opens the shard files),
+    # "external" (read in Python in the torch backend's order, decoded by DALI; shards are
+    # fetched into a remote cache as the order reaches them), "auto": reader for local
+    # shards, external for remote ones (the reader would need the whole epoch cached first).
+    dali_source: str = "auto"
     # Decode threads (DALI and torch backends) per training process; 0 = the cores
     # divided by the local processes.
     num_threads: int = 0
@@ -53,6 +59,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: {self.backend!r} is not one of {BACKENDS}")
+        if self.dali_source not in DALI_SOURCES:
+            raise ValueError(f"data.dali_source: {self.dali_source!r} is not one of {DALI_SOURCES}")
         if self.max_bad_samples < 0:
             raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
         if self.prefetch_shards < 0 or self.download_retries < 0 or self.download_timeout_s <= 0:

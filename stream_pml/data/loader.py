@@ -21,6 +21,7 @@ from .batch import Batch
 from .cache import CachedShards, ShardCache, parse_size
 from .config import DataConfig
 from .dali import DaliShardStream
+from .dali_external import DaliExternalStream
 from .deal import DealError, EpochDeal, by_shard, deal_epoch, default_piece_rows
 from .torch_stream import TorchShardStream
 
@@ -55,7 +56,9 @@ class ShardLoader:
         self.world_size = world_size
         self.seed = seed
         self.backend = resolve_backend(cfg)
-        self._stream_cls = DaliShardStream if self.backend == "dali" else TorchShardStream
+        external = cfg.dali_source == "external" or (cfg.dali_source == "auto" and is_remote(cfg.shards))
+        self._stream_cls = (TorchShardStream if self.backend != "dali"
+                            else DaliExternalStream if external else DaliShardStream)
         self.cache: ShardCache | None = None
         if is_remote(cfg.shards):
             self.manifest = load_manifest(cfg.shards)
@@ -114,17 +117,17 @@ class ShardLoader:
         return self.directory
 
     def _stream_files(self, tars: list[str], idxs: list[str]):
-        """What a stream opens: local paths, or (torch backend, remote) shards fetched through
+        """What a stream opens: local paths, or (remote) shards fetched through
         the cache when first read; index files are small and fetched now."""
         if self.cache is None:
             return tars, idxs
         idxs = [self.cache.path(i) for i in idxs]
-        if self.backend == "dali":  # DALI opens every file when its pipeline is built
+        if self._stream_cls is DaliShardStream:  # DALI's reader opens every file when built
             need = sum(self.cache.expected[t][0] or 0 for t in tars)
             if need > self.cache.limit:
                 raise ManifestError(f"data.backend=dali reads this rank's {len(tars)} shards of the epoch "
                                     f"({need:,} bytes) from the cache at once, more than data.cache_limit="
-                                    f"{self.cfg.cache_limit}; raise the limit or use data.backend=torch")
+                                    f"{self.cfg.cache_limit}; raise the limit or use data.dali_source=external")
             self.cache.plan(list(tars), window=len(tars))  # all of them stay until the epoch ends
             return [self.cache.path(t) for t in tars], idxs
         return CachedShards(list(tars), self.cache), idxs
@@ -150,7 +153,7 @@ class ShardLoader:
         return iter(self.train_stream(epoch))
 
     def train_stream(self, epoch: int, checkpoint: str | None = None, max_batches: int | None = None,
-                     deal: EpochDeal | None = None, generation: int = 0) -> DaliShardStream | TorchShardStream:
+                     deal: EpochDeal | None = None, generation: int = 0):
         """This rank's stream for ``epoch`` (under ``deal``, by default the ordinary one);
         ``checkpoint`` (a stream's ``checkpoint()``) continues exactly where that stream
         was, ``max_batches`` limits what is left."""
@@ -177,7 +180,7 @@ class ShardLoader:
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """This rank's share of an evaluation split (fixed deal), every readable sample once.
         Samples that could not be read are listed in ``self.skipped[split]`` (shard, byte
-        offset, why) once the iteration ends (torch backend)."""
+        offset, why) once the iteration ends (torch backend, DALI fed externally)."""
         tars, idxs = self.eval_shards[split]
         owned = list(range(self.rank, len(tars), self.world_size))
         self.skipped[split] = []

@@ -120,6 +120,23 @@ def decode_resize(jpeg: bytes, size: int, out: torch.Tensor | None = None) -> to
     return out
 
 
+def check_header(data: bytes) -> None:
+    """Raises unless ``data`` starts like a decodable image (a JPEG header libjpeg-turbo reads,
+    or another format PIL recognises): what can be said of a sample without decoding it."""
+    try:
+        import simplejpeg
+
+        simplejpeg.decode_jpeg_header(data)
+    except Exception as fast_error:
+        from PIL import Image
+
+        try:
+            Image.open(io.BytesIO(data))
+        except Exception:
+            raise ValueError(f"{len(data)} bytes that are not a decodable image (first bytes "
+                             f"{data[:4].hex(' ')}; libjpeg-turbo: {fast_error})") from None
+
+
 class _BatchBuilder:
     """Batch number -> :class:`Batch`; safe to call from several threads at once."""
 
@@ -173,35 +190,63 @@ class _BatchBuilder:
             self._last_hint = order
         p.tars.hint(order)
 
-    def __getitem__(self, b: int) -> Batch:
+    def _samples(self, b: int, decode_into: torch.Tensor | None):
+        """Batch ``b``'s readable samples as (position in the batch, jpeg, row, pos, neg, flip);
+        with ``decode_into``, each JPEG is decoded (and flipped) into its slot, and a sample
+        whose bytes do not decode is skipped like one that cannot be read."""
         p = self.plan
         lo, hi = b * p.batch_size, min((b + 1) * p.batch_size, len(p.shard_N))
         self._hint(lo)
-        images = torch.empty((hi - lo, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        rows, pos, neg = [], [], []
         fds: dict[int, int] = {}  # open only for this batch: a bounded number of files at once
+        k = 0
         try:
             for i in range(lo, hi):
                 shard, spans = int(p.shard_N[i]), p.spans_N4x2[i]
-                k = len(rows)
                 try:
-                    img = decode_resize(self._read(fds, shard, *spans[0]), self.image_size, images[k])
+                    jpeg = self._read(fds, shard, *spans[0])
+                    if decode_into is not None:
+                        decode_resize(jpeg, self.image_size, decode_into[k])
+                    else:
+                        check_header(jpeg)
                     members = [self._read(fds, shard, *spans[j]) for j in (1, 2, 3)]
                 except Exception as exc:
                     if isinstance(exc, RemoteError):  # the file, not the sample: the run decides
                         raise
                     self._skip(shard, int(spans[0][0]), exc)
                     continue
-                if p.flip_N[i]:
-                    images[k] = img.flip(-1)
-                rows.append(np.frombuffer(members[0], "<i8")[0])
-                pos.append(np.frombuffer(members[1], "<i4"))
-                neg.append(np.frombuffer(members[2], "<i4"))
+                flip = bool(p.flip_N[i])
+                if flip and decode_into is not None:
+                    decode_into[k] = decode_into[k].flip(-1)
+                yield (k, jpeg, np.frombuffer(members[0], "<i8")[0], np.frombuffer(members[1], "<i4"),
+                       np.frombuffer(members[2], "<i4"), flip)
+                k += 1
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return Batch(images[:len(rows)], torch.tensor(np.array(rows, dtype=np.int64), dtype=torch.int64),
-                     _pad(pos), _pad(neg))
+
+    def __getitem__(self, b: int) -> Batch:
+        p = self.plan
+        n = min((b + 1) * p.batch_size, len(p.shard_N)) - b * p.batch_size
+        images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        got = list(self._samples(b, images))
+        return Batch(images[:len(got)], torch.tensor(np.array([g[2] for g in got], dtype=np.int64), dtype=torch.int64),
+                     _pad([g[3] for g in got]), _pad([g[4] for g in got]))
+
+    def raw(self, b: int) -> "RawBatch":
+        """Batch ``b`` undecoded (for a decoder elsewhere, e.g. DALI's): the JPEG bytes, flips and
+        labels of its readable samples, in order."""
+        got = list(self._samples(b, None))
+        return RawBatch([np.frombuffer(g[1], np.uint8) for g in got], np.array([g[5] for g in got], bool),
+                        np.array([g[2] for g in got], dtype=np.int64), [g[3] for g in got], [g[4] for g in got])
+
+
+@dataclass
+class RawBatch:
+    jpegs: list[np.ndarray]
+    flips: np.ndarray
+    rows: np.ndarray
+    pos: list[np.ndarray]
+    neg: list[np.ndarray]
 
 
 def _pad(lists: list[np.ndarray]) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""DALI decoding fed from Python (``fn.external_source``): the torch backend's order and
+reads, DALI's decode, resize and flip.
+
+DALI's ``readers.webdataset`` opens every file it will read when its pipeline is built, so
+shards in a node-local cache of remote storage (cache.py) would all have to be downloaded
+before the epoch starts, and held until it ends. Here the samples are read in Python from
+the shards as the order reaches them, so the cache's prefetch window and eviction work as
+with the torch backend, and DALI sees only JPEG bytes. The order, flips and resume position
+are the torch backend's (a pure function of the seed; ``checkpoint()`` is the number of
+batches handed out), so rows and labels are identical to it batch for batch; only the
+pixels differ, by the decoder and resize kernel (as between the two backends).
+
+A sample that cannot be read is skipped and counted as in the torch backend; one whose
+bytes DALI cannot decode stops the stream (as DALI's reader does), naming its batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .batch import Batch
+from shard_tools.remote import RemoteError
+
+from .torch_stream import BadSamples, RawBatch, TorchShardStream
+
+OUTPUTS = ["images", "rows", "pos", "neg"]
+
+
+class DaliDecodeError(RuntimeError):
+    """DALI could not decode a batch fed to it."""
+
+
+def _build_pipeline(source, *, image_size: int, batch_size: int, seed: int, num_threads: int,
+                    device_id: int | None, prefetch_depth: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def pipe():
+        jpg, mirror, row, pos, neg = fn.external_source(
+            source=source, num_outputs=5, batch=True, no_copy=False,
+            dtype=[types.UINT8, types.INT32, types.INT64, types.INT32, types.INT32])
+        decoder_device = "mixed" if device_id is not None else "cpu"
+        img = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB)
+        img = fn.resize(img, resize_x=image_size, resize_y=image_size)
+        img = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+        return img, row, fn.pad(pos, fill_value=-1), fn.pad(neg, fill_value=-1)
+
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+             prefetch_queue_depth=prefetch_depth)
+    p.build()
+    return p
+
+
+def _dali_inputs(raw: RawBatch) -> tuple[list, ...]:
+    """One external_source batch: per sample, the JPEG bytes, mirror flag, row and labels."""
+    return (raw.jpegs, [np.array(int(f), np.int32) for f in raw.flips],
+            [np.array([r], np.int64) for r in raw.rows], [np.ascontiguousarray(x) for x in raw.pos],
+            [np.ascontiguousarray(x) for x in raw.neg])
+
+
+class DaliExternalStream:
+    """Same constructor and contract as :class:`TorchShardStream` (``tars`` may be a cache's
+    :class:`~stream_pml.data.cache.CachedShards`); batches come from DALI."""
+
+    def __init__(self, tars, idxs: list[str], *, image_size: int, batch_size: int, train: bool,
+                 flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
+                 prefetch_depth: int = 2, max_bad_samples: int = 10, max_batches: int | None = None,
+                 checkpoint: str | None = None, samples: list[np.ndarray] | None = None, **_: object):
+        self.order = TorchShardStream(tars, idxs, image_size=image_size, batch_size=batch_size, train=train,
+                                      flip=flip, seed=seed, num_workers=num_threads, prefetch_depth=prefetch_depth,
+                                      shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples,
+                                      max_batches=max_batches, checkpoint=checkpoint, samples=samples)
+        self.builder = self.order.builder  # .bad lists the skipped samples, as the torch backend's
+        self.handed_out = self.order.start
+        self._settings = dict(image_size=image_size, batch_size=batch_size, seed=seed % (2**31),
+                              num_threads=max(1, num_threads), prefetch_depth=prefetch_depth)
+        # Undecoded batches read ahead of DALI by this many threads (reads are cheap; DALI
+        # decodes): enough to keep a remote shard's first read off the critical path.
+        self._readers = max(1, min(num_threads, 2))
+        self._ahead = max(2, self._readers * prefetch_depth)
+
+    def checkpoint(self) -> str:
+        """The number of batches handed out so far: enough to continue exactly."""
+        return str(self.handed_out)
+
+    def _raw_batches(self, pool: ThreadPoolExecutor) -> Iterator[tuple[list, ...]]:
+        queued: deque = deque()
+        next_b, stop = self.handed_out, self.order.stop
+        try:
+            while True:
+                while next_b < stop and len(queued) < self._ahead:
+                    queued.append((next_b, pool.submit(self.builder.raw, next_b)))
+                    next_b += 1
+                if not queued:
+                    return
+                b, future = queued.popleft()
+                raw = future.result()
+                if len(raw.rows):  # every sample unreadable: nothing for DALI, no batch
+                    self._fed.append(b)
+                    yield _dali_inputs(raw)
+        finally:
+            for _, future in queued:
+                future.cancel()
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.handed_out >= self.order.stop:
+            return
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        pool = ThreadPoolExecutor(self._readers, thread_name_prefix="shard-read")
+        self._fed: deque = deque()  # batch numbers in the order DALI was fed them
+        try:
+            pipe = _build_pipeline(self._raw_batches(pool), device_id=device_id, **self._settings)
+            try:
+                # size=-1: the source's end ends the iteration; batches may be partial.
+                iterator = DALIGenericIterator(pipe, OUTPUTS, size=-1, auto_reset=False)
+            except StopIteration:
+                self.handed_out = self.order.stop  # nothing readable was left
+                return
+            while True:
+                try:
+                    out = next(iterator)
+                except StopIteration:
+                    break
+                except (BadSamples, RemoteError):
+                    raise  # from the reads: said as the torch backend says them
+                except RuntimeError as exc:
+                    b = self._fed[0] if self._fed else self.handed_out
+                    raise DaliDecodeError(f"DALI could not decode batch {b} of this stream: "
+                                          f"{str(exc).strip().splitlines()[0]}") from None
+                b = self._fed.popleft()
+                d = out[0]
+                self.handed_out = b + 1
+                yield Batch(d["images"], d["rows"].view(-1).long(), d["pos"], d["neg"])
+            self.handed_out = self.order.stop
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
