@@ -9,7 +9,7 @@ TCP proxy on 127.0.0.1 that holds every request ``--delay-ms`` and relays answer
 ``--rate-mbs`` per connection; ``http``: tests/remote_servers.py's HTTP server with the same
 delay and cap. One training epoch of the split (decode and resize to ``--image-size``) is read
 from local disk and from the server with ``data.prefetch_shards`` 0, 1, 2 and 4, each with an
-empty cache, in this one process, ``--repeats`` times (the median is reported).
+empty cache, in this one process; ``--repeats`` rounds of all of them (medians reported).
 ``--backend dali`` (CPU DALI here): local disk through DALI's reader and through
 external_source, and from the server through both: the reader needs the rank's whole epoch
 cached before its pipeline is built, external_source reads through the prefetch window. Reports steady-state samples/s (after the first batch) as a
@@ -173,32 +173,36 @@ def main(argv=None) -> dict:
         plan = ([("local disk", "dali reader", "reader", None), ("local disk", "dali external", "external", None),
                  (args.server, "dali reader", "reader", 2)]
                 + [(args.server, "dali external", "external", k) for k in (0, 1, 2, 4)])
-    rows = []
+    # Repeats go round the whole plan, so each remote run has a local baseline run minutes
+    # apart (this machine's speed drifts by a fifth over an hour); a row's share of local is
+    # the median over repeats of its run divided by that repeat's baseline.
+    runs: list[list[dict]] = [[] for _ in plan]
     try:
-        for source, label, dali_source, prefetch in plan:
-            runs = []
-            for _ in range(args.repeats):
+        for _ in range(args.repeats):
+            for k, (source, label, dali_source, prefetch) in enumerate(plan):
                 before = sent.value
                 with tempfile.TemporaryDirectory() as cache:
                     r = epoch(str(args.shards) if prefetch is None else url, Path(cache), prefetch or 0,
                               args.image_size, args.backend, dali_source)
                 time.sleep(0.5)  # the http server's count is published every 0.2 s
-                runs.append({**r, "bytes": sent.value - before})
-            runs.sort(key=lambda r: r["samples_per_s"])
-            rows.append({"source": source, "backend": label, "prefetch": "-" if prefetch is None else prefetch,
-                         **runs[len(runs) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in runs]})
-            print(rows[-1], flush=True)
+                runs[k].append({**r, "bytes": sent.value - before})
+                print(source, label, prefetch, {key: round(v, 2) for key, v in r.items()}, flush=True)
     finally:
         server.kill()
-    local = rows[0]
-    for r in rows:
-        r["share_of_local"] = r["samples_per_s"] / local["samples_per_s"]
+    rows = []
+    for k, (source, label, _, prefetch) in enumerate(plan):
+        shares = sorted(r["samples_per_s"] / base["samples_per_s"] for r, base in zip(runs[k], runs[0]))
+        mid = sorted(runs[k], key=lambda r: r["samples_per_s"])[len(runs[k]) // 2]
+        rows.append({"source": source, "backend": label, "prefetch": "-" if prefetch is None else prefetch, **mid,
+                     "share_of_local": shares[len(shares) // 2],
+                     "samples_per_s_runs": [r["samples_per_s"] for r in runs[k]]})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"shards": str(args.shards), "out": str(out)},
                                                     "loader_cores": len(cores) - 1, "rows": rows}, indent=1))
     lines = [f"server ({args.server}, own core): {args.delay_ms:g} ms per request, {args.rate_mbs:g} MB/s per "
              f"connection; loader on {len(cores) - 1} core(s); {args.shards}", "",
-             f"median of {args.repeats} run(s) per row; share of the first row", "",
+             f"{args.repeats} round(s) of every row; samples/s: the median run; share: the median over "
+              "rounds of the run / the first row's run of the same round", "",
              "| source | loader | prefetch_shards | first batch (s) | samples/s | share of local | runs (samples/s) | MB sent by the server |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['source']} | {r['backend']} | {r['prefetch']} | {r['first_batch_s']:.2f} | {r['samples_per_s']:.0f} | "
