@@ -23,10 +23,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batch import Batch
 from shard_tools.remote import RemoteError
 
-from .torch_stream import BadSamples, RawBatch, TorchShardStream
+from .batch import Batch
+from .torch_stream import BadSamples, RawBatch, TorchShardStream, built_ahead
 
 OUTPUTS = ["images", "rows", "pos", "neg"]
 
@@ -89,23 +89,14 @@ class DaliExternalStream:
         return str(self.handed_out)
 
     def _raw_batches(self, pool: ThreadPoolExecutor) -> Iterator[tuple[list, ...]]:
-        queued: deque = deque()
-        next_b, stop = self.handed_out, self.order.stop
+        ahead = built_ahead(pool, self.builder.raw, self.handed_out, self.order.stop, self._ahead)
         try:
-            while True:
-                while next_b < stop and len(queued) < self._ahead:
-                    queued.append((next_b, pool.submit(self.builder.raw, next_b)))
-                    next_b += 1
-                if not queued:
-                    return
-                b, future = queued.popleft()
-                raw = future.result()
+            for b, raw in ahead:
                 if len(raw.rows):  # every sample unreadable: nothing for DALI, no batch
                     self._fed.append(b)
                     yield _dali_inputs(raw)
         finally:
-            for _, future in queued:
-                future.cancel()
+            ahead.close()
 
     def __iter__(self) -> Iterator[Batch]:
         if self.handed_out >= self.order.stop:

@@ -108,9 +108,7 @@ def decode_resize(jpeg: bytes, size: int, out: torch.Tensor | None = None) -> to
         try:
             hwc = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
         except Exception:
-            # Say what is wrong with the bytes (PIL's message names a BytesIO object).
-            raise ValueError(f"{len(jpeg)} bytes that are not a decodable image (first bytes "
-                             f"{jpeg[:4].hex(' ')}; libjpeg-turbo: {fast_error})") from None
+            raise _not_an_image(jpeg, fast_error) from None
     chw = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).unsqueeze(0)
     if chw.shape[-2:] != (size, size):
         chw = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -133,8 +131,13 @@ def check_header(data: bytes) -> None:
         try:
             Image.open(io.BytesIO(data))
         except Exception:
-            raise ValueError(f"{len(data)} bytes that are not a decodable image (first bytes "
-                             f"{data[:4].hex(' ')}; libjpeg-turbo: {fast_error})") from None
+            raise _not_an_image(data, fast_error) from None
+
+
+def _not_an_image(data: bytes, fast_error: Exception) -> ValueError:
+    # Says what is wrong with the bytes (PIL's own message names a BytesIO object).
+    return ValueError(f"{len(data)} bytes that are not a decodable image (first bytes "
+                      f"{data[:4].hex(' ')}; libjpeg-turbo: {fast_error})")
 
 
 class _BatchBuilder:
@@ -191,7 +194,7 @@ class _BatchBuilder:
         p.tars.hint(order)
 
     def _samples(self, b: int, decode_into: torch.Tensor | None):
-        """Batch ``b``'s readable samples as (position in the batch, jpeg, row, pos, neg, flip);
+        """Batch ``b``'s readable samples as (jpeg, row, pos, neg, flip), the k-th in slot k;
         with ``decode_into``, each JPEG is decoded (and flipped) into its slot, and a sample
         whose bytes do not decode is skipped like one that cannot be read."""
         p = self.plan
@@ -217,7 +220,7 @@ class _BatchBuilder:
                 flip = bool(p.flip_N[i])
                 if flip and decode_into is not None:
                     decode_into[k] = decode_into[k].flip(-1)
-                yield (k, jpeg, np.frombuffer(members[0], "<i8")[0], np.frombuffer(members[1], "<i4"),
+                yield (jpeg, np.frombuffer(members[0], "<i8")[0], np.frombuffer(members[1], "<i4"),
                        np.frombuffer(members[2], "<i4"), flip)
                 k += 1
         finally:
@@ -229,15 +232,15 @@ class _BatchBuilder:
         n = min((b + 1) * p.batch_size, len(p.shard_N)) - b * p.batch_size
         images = torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8)
         got = list(self._samples(b, images))
-        return Batch(images[:len(got)], torch.tensor(np.array([g[2] for g in got], dtype=np.int64), dtype=torch.int64),
-                     _pad([g[3] for g in got]), _pad([g[4] for g in got]))
+        return Batch(images[:len(got)], torch.tensor(np.array([g[1] for g in got], dtype=np.int64), dtype=torch.int64),
+                     _pad([g[2] for g in got]), _pad([g[3] for g in got]))
 
     def raw(self, b: int) -> "RawBatch":
         """Batch ``b`` undecoded (for a decoder elsewhere, e.g. DALI's): the JPEG bytes, flips and
         labels of its readable samples, in order."""
         got = list(self._samples(b, None))
-        return RawBatch([np.frombuffer(g[1], np.uint8) for g in got], np.array([g[5] for g in got], bool),
-                        np.array([g[2] for g in got], dtype=np.int64), [g[3] for g in got], [g[4] for g in got])
+        return RawBatch([np.frombuffer(g[0], np.uint8) for g in got], np.array([g[4] for g in got], bool),
+                        np.array([g[1] for g in got], dtype=np.int64), [g[2] for g in got], [g[3] for g in got])
 
 
 @dataclass
@@ -247,6 +250,25 @@ class RawBatch:
     rows: np.ndarray
     pos: list[np.ndarray]
     neg: list[np.ndarray]
+
+
+def built_ahead(pool: ThreadPoolExecutor, build, start: int, stop: int, depth: int) -> Iterator[tuple[int, object]]:
+    """(b, build(b)) for b in [start, stop) in order, up to ``depth`` builds submitted to
+    ``pool`` ahead of the consumer; closing the iterator cancels those not started."""
+    queued: deque = deque()
+    next_b = start
+    try:
+        while True:
+            while next_b < stop and len(queued) < depth:
+                queued.append((next_b, pool.submit(build, next_b)))
+                next_b += 1
+            if not queued:
+                return
+            b, future = queued.popleft()
+            yield b, future.result()
+    finally:
+        for _, future in queued:
+            future.cancel()
 
 
 def _pad(lists: list[np.ndarray]) -> torch.Tensor:
@@ -305,19 +327,11 @@ class TorchShardStream:
                 yield batch
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="shard-decode")
-        queued: deque = deque()
-        next_b = self.handed_out
+        ahead = built_ahead(pool, self.builder.__getitem__, self.handed_out, self.stop, self.ahead)
         try:
-            while True:
-                while next_b < self.stop and len(queued) < self.ahead:
-                    queued.append(pool.submit(self.builder.__getitem__, next_b))
-                    next_b += 1
-                if not queued:
-                    return
-                batch = queued.popleft().result()
+            for _, batch in ahead:
                 self.handed_out += 1
                 yield batch
         finally:
-            for future in queued:
-                future.cancel()
+            ahead.close()  # cancels what is queued before the pool waits
             pool.shutdown(wait=True)
