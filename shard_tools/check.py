@@ -106,6 +106,7 @@ def _verify_remote(url: str) -> int:
     from .remote import RemoteError, download, filesystem, join
 
     manifest = load_manifest(url)
+    fs, root = filesystem(url)
     with tempfile.TemporaryDirectory(prefix="shard-verify-") as tmp:
         local = Path(tmp)
         (local / MANIFEST_NAME).write_text(manifest.to_json())
@@ -115,11 +116,10 @@ def _verify_remote(url: str) -> int:
             names += [(n, None) for n in (split.keys_file, f"{split_name}.labels.npz", REPORT_NAME) if n]
             for name, sha in names:
                 try:
-                    download(join(url, name), local / name, sha256=sha or None)
+                    download(join(url, name), local / name, sha256=sha or None, fs=fs)
                 except RemoteError as exc:
                     if name != REPORT_NAME:
                         problems.append(str(exc))
-        fs, root = filesystem(url)
         listed = {p.name for p in local.iterdir()}
         for path in fs.ls(root, detail=False):
             name = str(path).rstrip("/").rsplit("/", 1)[-1]

@@ -254,3 +254,32 @@ def test_caches_sharing_a_directory_count_each_others_downloads_safely(digits_sh
             cache.close()
     finally:
         server.stop()
+
+
+def test_a_cache_builds_one_s3_client_for_all_its_downloads(s3, s3_digits, tmp_path, monkeypatch):
+    """A new S3 client loads botocore's endpoint rules and service model (~0.13 s of CPU on the
+    loader's core, ten times a 27 MB download; BENCHMARKS.md): the cache makes one and every
+    download reuses it."""
+    import shard_tools.remote as remote
+    import stream_pml.data.cache as cache_mod
+
+    made = []
+    real = remote.filesystem
+
+    def counting(url, options=None):
+        made.append(url)
+        return real(url, options)
+
+    monkeypatch.setattr(remote, "filesystem", counting)
+    monkeypatch.setattr(cache_mod, "filesystem", counting)
+    manifest = json.loads(s3.fs().cat_file(f"{s3_digits[len('s3://'):]}/manifest.json"))
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    cache = ShardCache(s3_digits, tmp_path / "cache", 10**9, window=0)
+    try:
+        for s in shards:
+            cache.expect(s["name"], s["size"], s.get("sha256"))
+            path = Path(cache.path(s["name"]))
+            assert path.stat().st_size == s["size"]
+    finally:
+        cache.close()
+    assert len(shards) > 3 and len(made) == 1, made

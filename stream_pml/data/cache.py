@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from shard_tools.remote import RemoteError, download, join
+from shard_tools.remote import RemoteError, download, filesystem, join
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -59,6 +59,7 @@ class ShardCache:
         self._lock = threading.Lock()
         self._needs = self.dir / f".needs-{os.getpid()}-{id(self)}.json"
         self._gave_up: dict[str, RemoteError] = {}  # asked again, the answer is the same
+        self._fs = None  # one client for every download of this cache (see download's fs)
 
     # -- what this process will read ----------------------------------------------------
     def expect(self, name: str, size: int | None, sha256: str | None) -> None:
@@ -106,13 +107,19 @@ class ShardCache:
                 with self._reserve(name, size):
                     try:
                         download(join(self.root, name), dest, size=size, sha256=sha, retries=self.retries,
-                                 timeout_s=self.timeout_s, options=self.options)
+                                 timeout_s=self.timeout_s, options=self.options, fs=self._client())
                     except RemoteError as exc:
                         self._gave_up[name] = exc
                         raise
             else:
                 os.utime(dest)
         return str(dest)
+
+    def _client(self):
+        with self._lock:
+            if self._fs is None:
+                self._fs = filesystem(self.root, self.options)[0]
+            return self._fs
 
     @contextmanager
     def _reserve(self, name: str, size: int | None):
