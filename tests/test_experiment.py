@@ -153,3 +153,33 @@ def test_rows_of_an_older_results_file_are_kept_and_trained_again(grid_file, tmp
     assert main(["--grid", str(grid_file), "seeds=[0]", "settings=[spl]", "methods=[an]"]) == 0
     rows = _rows(out / "results.csv")
     assert len(rows) == 2 and rows[0]["params_hash"] == "" and rows[1]["params_hash"]
+
+
+def test_leave_one_dataset_out_chooses_without_the_held_out_dataset():
+    """The choice for a held-out dataset uses only the other datasets' validation mAP: here
+    'pml-b' is best on validation everywhere except on C, where 'pml' is; held out, C still gets
+    pml-b (chosen on A and B) and its margin is against the best of AN/ASL/WAN per cell."""
+    from stream_pml.experiment.report import leave_one_out, render_leave_one_out
+
+    val = {("A", "pml"): 0.3, ("A", "pml-b"): 0.5, ("B", "pml"): 0.3, ("B", "pml-b"): 0.5,
+           ("C", "pml"): 0.9, ("C", "pml-b"): 0.1}
+    test = {("C", "pml", "spl"): 0.40, ("C", "pml-b", "spl"): 0.20, ("C", "an", "spl"): 0.25,
+            ("C", "wan", "spl"): 0.30, ("C", "asl", "spl"): 0.10}
+    rows = []
+    for ds in "ABC":
+        for m in ("pml", "pml-b", "an", "asl", "wan"):
+            for setting in ("fal", "spl"):
+                for seed in (0, 1):
+                    # fal's validation must not count: it would favour pml everywhere.
+                    v = 0.99 if (setting == "fal" and m == "pml") else val.get((ds, m), 0.0)
+                    rows.append({"dataset": ds, "method": m, "setting": setting, "seed": str(seed),
+                                 "val_map": str(v), "test_map": str(test.get((ds, m, setting), 0.05))})
+    got = {(r["held_out"], r["setting"]): r for r in leave_one_out(rows, ["pml", "pml-b"], ["fal", "spl"])}
+    assert set(got) == {("A", "spl"), ("B", "spl"), ("C", "spl")}  # fal is not a partial cell
+    c = got[("C", "spl")]
+    assert c["chosen"] == "pml-b" and c["best_baseline"] == "wan"
+    assert c["margin"] == pytest.approx(100 * (0.20 - 0.30))
+    # A held out: chosen on B and C, where pml's mean validation (0.6) beats pml-b's (0.3).
+    assert got[("A", "spl")]["chosen"] == "pml"
+    table = render_leave_one_out(list(got.values()), ["fal", "spl"])
+    assert "| C | pml-b | -10.0 (wan) |" in table
