@@ -183,3 +183,18 @@ def test_leave_one_dataset_out_chooses_without_the_held_out_dataset():
     assert got[("A", "spl")]["chosen"] == "pml"
     table = render_leave_one_out(list(got.values()), ["fal", "spl"])
     assert "| C | pml-b | -10.0 (wan) |" in table
+
+
+def test_report_only_rebuilds_the_tables_and_trains_nothing(grid_file, tmp_path, monkeypatch):
+    assert main(["--grid", str(grid_file), "seeds=[0]"]) == 0
+    out = tmp_path / "out"
+    (out / "table.md").unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("--report-only trained a cell")
+
+    monkeypatch.setattr(grid_mod, "train_cell", no_training)
+    # A seed with no rows yet: left out of the table, not trained.
+    assert main(["--grid", str(grid_file), "seeds=[0,1]", "--report-only"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| pml |" in table and "seeds 0;" in table

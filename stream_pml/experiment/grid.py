@@ -196,7 +196,7 @@ def read_results(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_grid(cfg: GridConfig) -> Path:
+def run_grid(cfg: GridConfig, report_only: bool = False) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -210,7 +210,7 @@ def run_grid(cfg: GridConfig) -> Path:
     cells = [((ds, m, s, seed), (ds.name, m, s, seed, hashes[(ds.name, m)]))
              for ds in cfg.datasets for m in methods for s in cfg.settings for seed in cfg.seeds]
     current = {key for _, key in cells}
-    todo = [cell for cell, key in cells if key not in done]
+    todo = [] if report_only else [cell for cell, key in cells if key not in done]
     commit = current_commit()
     new_file = not results_path.exists()
     if cfg.workers > 1:  # features are extracted once, before the workers need them
@@ -269,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stream_pml.experiment", description=__doc__)
     ap.add_argument("--grid", required=True, help="grid YAML (see configs/experiments/)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0]")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rebuild the tables and plots from the rows of results.csv that "
+                         "match today's parameters (cells without such a row are left out)")
     args = ap.parse_args(argv)
     try:
         cfg = load_grid(args.grid, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"grid error: {exc}", file=sys.stderr)
         return 2
-    out = run_grid(cfg)
+    out = run_grid(cfg, report_only=args.report_only)
     print(f"results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png")
     return 0
