@@ -182,7 +182,7 @@ def test_leave_one_dataset_out_chooses_without_the_held_out_dataset():
     # A held out: chosen on B and C, where pml's mean validation (0.6) beats pml-b's (0.3).
     assert got[("A", "spl")]["chosen"] == "pml"
     table = render_leave_one_out(list(got.values()), ["fal", "spl"])
-    assert "| C | pml-b | -10.0 (wan) |" in table
+    assert "| C | pml-b | -10.00 (wan) |" in table
 
 
 def test_report_only_rebuilds_the_tables_and_trains_nothing(grid_file, tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ def render_leave_one_out(results: list[dict], settings: list[str]) -> str:
     for r in results:
         by_ds[(r["held_out"], r["chosen"])][r["setting"]] = r
     for (held, chosen), cells in by_ds.items():
-        text = [f"{cells[s]['margin']:+.1f} ({cells[s]['best_baseline']})" if s in cells else "" for s in cols]
+        text = [f"{cells[s]['margin']:+.2f} ({cells[s]['best_baseline']})" if s in cells else "" for s in cols]
         lines.append(f"| {held} | {chosen} | " + " | ".join(text) + " |")
     won = sum(r["margin"] > 0 for r in results)
     lines += ["", f"Test mAP points of the chosen default minus the best of {', '.join(BASELINES)} in that "
