@@ -183,6 +183,10 @@ def test_leave_one_dataset_out_chooses_without_the_held_out_dataset():
     assert got[("A", "spl")]["chosen"] == "pml"
     table = render_leave_one_out(list(got.values()), ["fal", "spl"])
     assert "| C | pml-b | -10.00 (wan) |" in table
+    # B a smoke test: C held out is chosen on A alone (pml-b); A held out on C alone (pml).
+    got = {(r["held_out"], r["setting"]): r for r in leave_one_out(rows, ["pml", "pml-b"], ["fal", "spl"], smoke={"B"})}
+    assert got[("C", "spl")]["chosen"] == "pml-b" and got[("A", "spl")]["chosen"] == "pml"
+    assert got[("B", "spl")]["chosen"] == "pml"  # a smoke test is still held out and scored: A + C
 
 
 def test_report_only_rebuilds_the_tables_and_trains_nothing(grid_file, tmp_path, monkeypatch):

@@ -54,6 +54,8 @@ class DatasetConfig:
     # kind=trainer: the run file and dotted overrides every cell starts from
     config: str = ""
     overrides: List[str] = field(default_factory=list)
+    # A smoke test: in the tables, never used to choose the default (leave-one-out table).
+    smoke: bool = False
 
 
 @dataclass
@@ -137,7 +139,8 @@ def trainer_cell(ds: DatasetConfig, method: str, setting: str, seed: int, out: P
 def cell_params(cfg: GridConfig, ds: DatasetConfig, method: str) -> dict:
     """What a cell's result depends on besides (setting, seed): resolved, defaults included."""
     name, extra = resolve_method(method)
-    data = {k: v for k, v in dataclasses.asdict(ds).items() if k != "name"}
+    # What a result depends on: not the name, nor whether the dataset is a smoke test.
+    data = {k: v for k, v in dataclasses.asdict(ds).items() if k not in ("name", "smoke")}
     if ds.kind == "trainer":
         from ..config import load_config, to_dict
 
@@ -243,7 +246,7 @@ def run_grid(cfg: GridConfig, report_only: bool = False) -> Path:
 
     # Only rows of today's parameters: a table never mixes two defaults.
     rows_now = [r for r in read_results(results_path) if _row_key(r) in current]
-    write_report(rows_now, out, methods, list(cfg.settings))
+    write_report(rows_now, out, methods, list(cfg.settings), smoke={ds.name for ds in cfg.datasets if ds.smoke})
     return out
 
 

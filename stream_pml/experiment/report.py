@@ -46,26 +46,34 @@ BASELINES = ("an", "asl", "wan")  # the baselines a default must beat in every p
 
 
 def leave_one_out(rows: list[dict], candidates: list[str], settings: list[str],
-                  baselines: tuple[str, ...] = BASELINES) -> list[dict]:
-    """For each dataset: the candidate default with the highest mean validation mAP over the
-    partial-label cells of every *other* dataset (never its own, never test), then, per partial
-    setting of the held-out dataset, that choice's mean test mAP against the best baseline's.
+                  baselines: tuple[str, ...] = BASELINES, smoke: set[str] = frozenset()) -> list[dict]:
+    """For each dataset: the candidate default chosen on the partial-label cells of every
+    *other* dataset that is not a smoke test (validation mAP only, never test), then, per
+    partial setting of the held-out dataset, that choice's mean test mAP against the best
+    baseline's. The choice: the highest mean over those cells of the candidate's mean
+    validation mAP divided by the best candidate's in the cell, so every cell weighs the same
+    whatever its dataset's mAP scale (raw means let a dataset at 70 % outvote one at 10 %).
     Returns one dict per (held-out dataset, setting)."""
     val: dict = defaultdict(list)
     for r in rows:
         if r["setting"] != "fal":
-            val[(r["dataset"], r["method"])].append(float(r["val_map"]))
+            val[(r["dataset"], r["setting"], r["method"])].append(float(r["val_map"]))
     stats = cell_stats(rows)
     datasets = sorted({r["dataset"] for r in rows})
     out = []
     for held in datasets:
-        others = [d for d in datasets if d != held]
-        scores = {c: float(np.mean([v for d in others for v in val.get((d, c), [])] or [np.nan]))
-                  for c in candidates}
-        scores = {c: v for c, v in scores.items() if not np.isnan(v)}
-        if not others or not scores:
+        relative: dict = defaultdict(list)
+        for d in datasets:
+            if d == held or d in smoke:
+                continue
+            for s in settings:
+                means = {c: float(np.mean(val[(d, s, c)])) for c in candidates if val.get((d, s, c))}
+                if len(means) == len(candidates) and max(means.values()) > 0:
+                    for c, v in means.items():
+                        relative[c].append(v / max(means.values()))
+        if not relative:
             continue
-        chosen = max(scores, key=scores.get)
+        chosen = max(candidates, key=lambda c: float(np.mean(relative[c])))
         for s in settings:
             if s == "fal" or (held, chosen, s) not in stats:
                 continue
@@ -96,7 +104,8 @@ def render_leave_one_out(results: list[dict], settings: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], out: Path, methods: list[str], settings: list[str]) -> None:
+def write_report(rows: list[dict], out: Path, methods: list[str], settings: list[str],
+                 smoke: set[str] = frozenset()) -> None:
     stats = cell_stats(rows)
     datasets = sorted({r["dataset"] for r in rows})
     # Named variants stand beside the default; the ablation switches parts of pml-paper off.
@@ -111,11 +120,13 @@ def write_report(rows: list[dict], out: Path, methods: list[str], settings: list
             parts += [f"### {ds}: ablation (paper Table VII)", "", render_table(stats, ds, ablation, settings), ""]
         _plots(stats, ds, main_methods, ablation, settings, out)
     candidates = [m for m in main_methods if m == "pml" or m.startswith("pml-")]
-    lodo = render_leave_one_out(leave_one_out(rows, candidates, settings), settings)
+    lodo = render_leave_one_out(leave_one_out(rows, candidates, settings, smoke=smoke), settings)
     if lodo and len(datasets) > 1:
         parts += ["## Leave one dataset out", "",
-                  f"The default is chosen among {', '.join(candidates)} by the highest mean validation mAP over "
-                  "the partial-label cells of every other dataset, then scored on the held-out one's test split.",
+                  f"The default is chosen among {', '.join(candidates)} on the partial-label cells of every other "
+                  "dataset" + (f" ({', '.join(sorted(smoke))} are smoke tests: never used to choose)" if smoke else "")
+                  + ": the highest mean of its validation mAP relative to the best candidate's in each cell; then "
+                  "it is scored on the held-out dataset's test split.",
                   "", lodo, ""]
     (out / "table.md").write_text("\n".join(parts))
 
