@@ -153,7 +153,7 @@ def large_loss(logits, targets, known, epoch, delta_rel, mode):
 def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.05, m=3.0,
         alpha_beta=True, d=False, p=False, d_schedule="text", ab_scope="all",
         beta_counts_pseudo=False, pseudo_scale=0.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
-        unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight="auto", ab_normalize=False, q=None):
+        unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight="auto", normalize="weights", q=None):
     """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
@@ -170,8 +170,8 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
                                   if sampled[i][j] and not known[i][j])
     beta = max(P / T, gamma) if alpha_beta else 1.0
     alpha = 1 - beta if alpha_beta else 1.0
-    # ab_normalize: divide by the mean weight alpha/beta give an entry (P/T positives)
-    norm = alpha * (P / T) + beta * (1 - P / T) if alpha_beta and ab_normalize else 1.0
+    # normalize="ab": divide by the mean weight alpha/beta give an entry (P/T positives)
+    norm = alpha * (P / T) + beta * (1 - P / T) if alpha_beta and normalize == "ab" else 1.0
     if not d:
         dv = 1.0
     elif d_schedule == "text":
@@ -189,7 +189,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
     losses = {e: -sum(unknown_terms(float(logits[e[0]][e[1]]), pseudo[e[0]][e[1]])) for e in entries}
     num_rejected = math.ceil(reject * (epoch - 1) * (1 - observed_share) * len(entries) - 1e-9)
     rejected = set(sorted(entries, key=lambda e: -losses[e])[:num_rejected])
-    total = 0.0
+    total, weight_total = 0.0, 0.0
     for i in range(B):
         xs = [float(v) for v in logits[i]]
         E = [j for j in range(C) if known[i][j]]
@@ -208,4 +208,15 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
             total += -pi * (alpha * (pk + pu) + beta * (nk + nu))
         else:
             total += -pi * (alpha * pk + beta * nk + pu + nu)
+        # normalize="weights": the weight each entry entering the loss gets, entry by entry
+        # (a rejected entry enters with weight 0; p is left out)
+        weight_total += sum((alpha if float(targets[i][j]) == 1 else beta) / known_div for j in E)
+        for j in S:
+            if (i, j) in rejected:
+                continue
+            t = pseudo_scale * float(pseudo[i][j])
+            ab = alpha * t + beta * (1 - t) if ab_scope == "all" else 1.0
+            weight_total += dv * unknown_weight * ab / unk_div
+    if normalize == "weights":
+        norm = weight_total / B
     return total / B / norm

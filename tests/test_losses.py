@@ -190,7 +190,7 @@ UNKNOWN_OPTIONS = {"pseudo_scale": 0.3, "unknown_gamma_pos": 1.0, "unknown_gamma
                                      {"unknown_gamma_neg": 4.0, "unknown_clip": 0.05},
                                      {"unknown_gamma_pos": 1.0}, {"reject": 0.05, "pseudo_scale": 0.2}, {"reduction": "entries"},
                                      {"pseudo_scale": "auto"}, {"unknown_weight": 0.2},
-                                     {"unknown_weight": "auto", "pseudo_scale": "auto"}, {"ab_normalize": True},
+                                     {"unknown_weight": "auto", "pseudo_scale": "auto"}, {"normalize": "ab"}, {"normalize": "weights"},
                                      UNKNOWN_OPTIONS],
                          ids=lambda o: ",".join(o))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -279,8 +279,13 @@ def test_pml_default_with_only_positives_observed_is_wan_balanced_by_weighted_co
     logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
     only_pos = known & (targets == 1)
     kw = {"pseudo": pseudo, "epoch": 15, "num_epochs": 20}
+    got = get_loss("pml", alpha_beta=False, normalize="none")(logits, targets, only_pos, **kw)
+    wan = get_loss("wan")(logits, targets, only_pos)
+    torch.testing.assert_close(got, wan, rtol=1e-5, atol=1e-6)
+    # Normalised: WAN divided by its mean total weight per image, (k_i + (C - k_i)/(C - 1)) / C.
+    k_B = only_pos.sum(1).float()
     got = get_loss("pml", alpha_beta=False)(logits, targets, only_pos, **kw)
-    torch.testing.assert_close(got, get_loss("wan")(logits, targets, only_pos), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, wan / ((k_B + (12 - k_B) / 11) / 12).mean(), rtol=1e-5, atol=1e-6)
     stats: dict = {}
     get_loss("pml")(logits, targets, only_pos, stats=stats, **kw)
     num_pos, num_unknown = float(only_pos.sum()), float((~only_pos).sum())
@@ -310,3 +315,33 @@ def test_pml_auto_unknown_weight_is_one_with_observed_negatives_and_wan_without(
     assert stats["unknown_weight"] == pytest.approx(1 / 9)
     with pytest.raises(ValueError, match="unknown_weight must be in"):
         get_loss("pml", unknown_weight=1.5)
+
+
+@pytest.mark.parametrize("num_classes", [12, 983])
+@pytest.mark.parametrize("setting", ["fal", "pal", "ppl", "spl"])
+def test_pml_default_is_a_weighted_mean_whatever_the_number_of_classes_or_setting(num_classes, setting):
+    """At logits 0 every entry's cross-entropy is log 2, so a weighted mean of them is log 2
+    whatever the weights: the default loss's scale depends on neither C, nor the label
+    setting, nor alpha/beta, so coupled weight decay weighs against it as against BCE's.
+    Without the normaliser it shrinks with the weights (the cause of MEASUREMENTS.md's
+    983-label result)."""
+    gen = torch.Generator().manual_seed(num_classes)
+    B = 16
+    targets = (torch.rand(B, num_classes, generator=gen) < 3 / num_classes + 0.02).float()
+    targets[:, 0] = 1.0  # every image has a positive (SPL keeps one)
+    if setting == "fal":
+        known = torch.ones_like(targets, dtype=torch.bool)
+    elif setting == "pal":
+        known = torch.rand(B, num_classes, generator=gen) < 0.3
+    elif setting == "ppl":
+        known = (targets == 1) & (torch.rand(B, num_classes, generator=gen) < 0.6)
+    else:
+        known = torch.zeros_like(targets, dtype=torch.bool)
+        known[:, 0] = True
+    logits = torch.zeros(B, num_classes, requires_grad=True)
+    kw = {"pseudo": torch.full((B, num_classes), 0.5), "epoch": 3, "num_epochs": 10}
+    got = get_loss("pml")(logits, targets, known, **kw)
+    assert got.item() == pytest.approx(math.log(2), rel=1e-5)
+    unnormalised = get_loss("pml", normalize="none")(logits, targets, known, **kw).item()
+    if setting != "fal":
+        assert unnormalised < 0.5 * math.log(2)

@@ -14,6 +14,7 @@ from .common import log_probs, sample_unknown
 D_SCHEDULES = ("text", "printed")
 AB_SCOPES = ("known", "all")
 REDUCTIONS = ("parts", "entries")
+NORMALIZE = ("weights", "ab", "none")
 
 
 def d_weight(epoch: int, num_epochs: int, m: float = 3.0, schedule: str = "text") -> float:
@@ -68,13 +69,18 @@ class PmlOptions:
       only positives are (PPL, SPL: r = 1) nothing in the batch says how many unknowns are
       hidden positives, and w is WAN's 1 / (C - 1) (Cole et al. 2021), so an image's whole
       unknown part weighs about one known entry.
-    - ``ab_normalize``: divide the loss by the mean weight alpha/beta give an entry,
-      alpha r' + beta (1 - r'), r' = P/T. alpha/beta shrink the loss about 1/(2 r') times
-      (5x on digits), which makes Adam's coupled L2 weight decay that much stronger. Off by
-      default (the rule's choice; measured on validation: with linear heads the stronger
-      L2 helped, normalising cost 0.6 points of the screening mean and 4 on bibtex FAL /
-      PAL 0.9; end to end on the digits demo model it recovered 11 of the 12 points
-      alpha/beta cost under FAL).
+    - ``normalize``: what the loss is divided by. "weights" (default): the batch's total
+      weight, i.e. the sum over the entries entering the loss of the weight each gets
+      (alpha or beta, the unknown weight w, d, the reduction's 1/C or 1/|E_i|, 1/|S_i|; the
+      all-negative factor p is left out, it stays a penalty), so the loss is a weighted
+      *mean* of per-entry cross-entropies, as large as BCE's whatever C, the label setting or
+      the weights. Without it alpha/beta shrink the loss about 1/(2 r') times (r' = P/T) and
+      WAN's weight under PPL/SPL another (k + 1)/C times (k observed positives per image),
+      and Adam's coupled L2 weight decay grows by the same factors: a regulariser set by the
+      weights, not by the user (measured: held-out 983-label data, pml 2-4.5 points behind
+      AN at weight decay 1e-4 and ahead at 0; MEASUREMENTS.md). "ab": divide by alpha/beta's
+      mean entry weight alpha r' + beta (1 - r') only (issue 9's option). "none": the sum
+      as the equation reads (issue 9's default).
     - ``reduction``: "parts" (the paper) averages the known part over E_i and the unknown
       part over S_i separately, so an unknown entry weighs |E_i| / |S_i| times a known one:
       under PAL hidden positives, scored as unknowns, then outweigh the observed positives
@@ -92,8 +98,8 @@ class PmlOptions:
     scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost 4.3 / 3.6
     points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
     PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
-    End to end (the digits demo model from scratch) alpha/beta lost validation mAP instead,
-    through the weight decay (see ``ab_normalize``; README "Results"). The trainer still
+    Issue 18: ``normalize="weights"``, so the loss's scale no longer depends on the weights
+    (see ``normalize``; README "Results"). The trainer still
     records every sample's last prediction in the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
@@ -118,7 +124,7 @@ class PmlOptions:
     reject: float = 0.002
     reduction: str = "entries"
     unknown_weight: float | str = "auto"
-    ab_normalize: bool = False
+    normalize: str = "weights"
 
     def __post_init__(self) -> None:
         if self.ab_scope not in AB_SCOPES:
@@ -133,6 +139,8 @@ class PmlOptions:
         for name in ranged:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize: {self.normalize!r} is not one of {NORMALIZE}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction: {self.reduction!r} is not one of {REDUCTIONS}")
         if self.unknown_gamma_pos < 0 or self.unknown_gamma_neg < 0:
@@ -141,7 +149,7 @@ class PmlOptions:
 
 # The paper's loss as METHOD.md pins it down, before issue 9 changed the defaults.
 PAPER_OPTIONS = {"q": 0.5, "alpha_beta": True, "d": True, "p": True, "pseudo_scale": 1.0, "reject": 0.0,
-                 "reduction": "parts", "unknown_weight": 1.0, "ab_scope": "known"}
+                 "reduction": "parts", "unknown_weight": 1.0, "ab_scope": "known", "normalize": "none"}
 
 
 def pml_loss(
@@ -182,7 +190,7 @@ def pml_loss(
     if sampled_BC is None:
         sampled_BC = sample_unknown(~known, opts.q, generator)
     known_terms = dict(pos_known=(y * logp * known).sum(1), neg_known=((1 - y) * logn * known).sum(1),
-                       num_known=known.sum(1).float(), num_pos=(y * known).sum())
+                       num_known=known.sum(1).float(), pos_count=(y * known).sum(1))
     return _finish(known_terms, logits_BC.float(), sampled_BC & ~known, pseudo_BC, opts, stats)
 
 
@@ -214,7 +222,7 @@ def pml_loss_sparse(
     known_terms = dict(pos_known=(F.logsigmoid(x.gather(1, pos_ids)) * pos_valid).sum(1),
                        neg_known=(F.logsigmoid(-x.gather(1, neg_ids)) * neg_valid).sum(1),
                        num_known=(pos_valid.sum(1) + neg_valid.sum(1)).float(),
-                       num_pos=pos_valid.sum().float())
+                       pos_count=pos_valid.sum(1).float())
     return _finish(known_terms, x, sampled, pseudo_BC, opts, stats)
 
 
@@ -226,25 +234,27 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
     x_E = x[rows_E, cols_E]
     yt_E = (torch.full_like(x_E, 0.5) if pseudo_BC is None  # targets: never a gradient path
             else pseudo_BC.detach().float()[rows_E, cols_E])
-    observed_share = float(known_terms["num_pos"] / known_terms["num_known"].sum().clamp(min=1.0))
+    observed_share = float(known_terms["pos_count"].sum() / known_terms["num_known"].sum().clamp(min=1.0))
     scale = observed_share if opts.pseudo_scale == "auto" else float(opts.pseudo_scale)
     weight = (float(opts.unknown_weight) if opts.unknown_weight != "auto"
               else (1.0 - observed_share) + observed_share / max(x.shape[1] - 1, 1))
     if stats is not None:
         stats.update(pseudo_scale=scale, unknown_weight=weight)
-    pos_E, neg_E = _unknown_entry_terms(x_E, yt_E, scale, observed_share, opts)
+    pos_E, neg_E, target_E, kept_E = _unknown_entry_terms(x_E, yt_E, scale, observed_share, opts)
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
                    num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum(),
-                   unknown_weight=weight)
+                   unknown_weight=weight, target_kept=zeros_B.index_add(0, rows_E, (target_E * kept_E).detach()),
+                   num_kept=zeros_B.index_add(0, rows_E, kept_E))
     return _combine(terms, x, opts, stats)
 
 
 def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, observed_share: float,
-                         o: PmlOptions) -> tuple[torch.Tensor, torch.Tensor]:
+                         o: PmlOptions) -> tuple[torch.Tensor, ...]:
     """Per sampled unknown entry: t log s(x) and (1 - t) log(1 - s(x)) for targets t,
-    with ASL focusing / clipping and LL-R rejection when those options are on."""
+    with ASL focusing / clipping and LL-R rejection when those options are on; also the
+    targets t and which entries LL-R kept (1.0) or rejected (0.0)."""
     t_E = scale * yt_E
     logp_E, logn_E = F.logsigmoid(x_E), F.logsigmoid(-x_E)
     if o.unknown_clip > 0:
@@ -258,68 +268,84 @@ def _unknown_entry_terms(x_E: torch.Tensor, yt_E: torch.Tensor, scale: float, ob
         pos_E = pos_E * (1 - logp_E.exp()).pow(o.unknown_gamma_pos)
     if o.unknown_gamma_neg:
         neg_E = neg_E * pm_E.pow(o.unknown_gamma_neg)
+    keep = torch.ones_like(x_E)
     k = math.ceil(o.reject * (o.epoch - 1) * (1.0 - observed_share) * x_E.numel() - 1e-9)
     if k > 0:
-        keep = torch.ones_like(x_E, dtype=torch.bool)
         # A stable sort: equal losses (saturated logits, targets 0) are rejected in entry
         # order, so which ones go is deterministic.
-        keep[torch.sort((pos_E + neg_E).detach(), stable=True).indices[:k]] = False
+        keep[torch.sort((pos_E + neg_E).detach(), stable=True).indices[:k]] = 0.0
         pos_E, neg_E = pos_E * keep, neg_E * keep
-    return pos_E, neg_E
+    return pos_E, neg_E, t_E, keep
 
 
 @dataclass
 class _Terms:
-    """Per-image sums (B,) of the four parts of eq. 12 (unknown parts unweighted), the batch
-    counts for beta, and the unknown entries' weight."""
+    """Per-image sums (B,) of the four parts of eq. 12 (unknown parts unweighted), the counts
+    for beta and for the loss's total weight, and the unknown entries' weight."""
 
     pos_known: torch.Tensor
     neg_known: torch.Tensor
     num_known: torch.Tensor
-    num_pos: torch.Tensor
+    pos_count: torch.Tensor  # observed positives per image
     pos_unk: torch.Tensor
     neg_unk: torch.Tensor
     num_sampled: torch.Tensor
     pseudo_mass: torch.Tensor
     unknown_weight: float
+    target_kept: torch.Tensor  # sum of the targets t over the sampled entries LL-R kept
+    num_kept: torch.Tensor  # sampled entries LL-R kept
 
 
 def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> torch.Tensor:
+    batch, num_classes = x.shape
+    d_val = d_weight(o.epoch, o.num_epochs, o.m, o.d_schedule) if o.d else 1.0
+    unk_weight = d_val * t.unknown_weight  # both scale the whole unknown part
+    ns = t.num_sampled.clamp(min=1.0)
+    # Each known / sampled unknown entry's factor in its image's sum under the reduction.
+    if o.reduction == "parts":
+        known_f_B, unk_f_B = 1.0 / t.num_known.clamp(min=1.0), unk_weight / ns
+    else:
+        known_f_B = torch.full_like(ns, 1.0 / num_classes)
+        unk_f_B = unk_weight * (num_classes - t.num_known) / (ns * num_classes)
     with torch.no_grad():
+        # The loss's total weight, split by what alpha, beta or neither multiply (linear in
+        # alpha and beta, so one all-reduce serves beta and the normaliser).
+        pos_mass = known_f_B * t.pos_count
+        neg_mass = known_f_B * (t.num_known - t.pos_count)
+        unk_pos, unk_neg = unk_f_B * t.target_kept, unk_f_B * (t.num_kept - t.target_kept)
+        if o.ab_scope == "all":
+            pos_mass, neg_mass, free_mass = pos_mass + unk_pos, neg_mass + unk_neg, unk_pos.sum() * 0.0
+        else:
+            free_mass = (unk_pos + unk_neg).sum()
         # Batch statistics count each entry by its weight in the loss: an unknown entry at
         # WAN's weight is 1/(C-1) of an entry, so beta balances the same mass it weighs.
         w = t.unknown_weight
-        num_pos = t.num_pos + (w * t.pseudo_mass if o.beta_counts_pseudo else 0.0)
-        num_pos, num_entries = all_reduce_sum(num_pos, t.num_known.sum() + w * t.num_sampled.sum())
+        num_pos = t.pos_count.sum() + (w * t.pseudo_mass if o.beta_counts_pseudo else 0.0)
+        num_pos, num_entries, pos_mass, neg_mass, free_mass, num_images = all_reduce_sum(
+            num_pos, t.num_known.sum() + w * t.num_sampled.sum(), pos_mass.sum(), neg_mass.sum(), free_mass,
+            torch.tensor(float(batch)))
         share = float(num_pos / num_entries.clamp(min=1.0))
         beta = max(share, o.gamma) if o.alpha_beta else 1.0
         alpha = 1.0 - beta if o.alpha_beta else 1.0
-        # The mean weight alpha/beta give an entry of this batch; dividing by it keeps the
-        # loss's scale, so coupled L2 weight decay keeps its strength relative to the loss.
-        ab_mean = alpha * share + beta * (1.0 - share) if o.alpha_beta and o.ab_normalize else 1.0
-        d_val = d_weight(o.epoch, o.num_epochs, o.m, o.d_schedule) if o.d else 1.0
+        if o.normalize == "weights":
+            norm = float((alpha * pos_mass + beta * neg_mass + free_mass) / num_images)
+        elif o.normalize == "ab" and o.alpha_beta:
+            norm = alpha * share + beta * (1.0 - share)
+        else:
+            norm = 1.0
         # Every sigmoid(x_ij) < 0.1  <=>  max_j x_ij < logit(0.1): one reduction, no exp.
         all_low = x.max(dim=1).values < math.log(0.1 / 0.9)
         p_B = torch.where(all_low & o.p, 2.0, 1.0).to(x.dtype)
-    ns = t.num_sampled.clamp(min=1.0)
-    unk_weight = d_val * t.unknown_weight  # both scale the whole unknown part
-    if o.reduction == "parts":
-        ne = t.num_known.clamp(min=1.0)
-        pos_known, neg_known = t.pos_known / ne, t.neg_known / ne
-        pos_unk, neg_unk = unk_weight * t.pos_unk / ns, unk_weight * t.neg_unk / ns
-    else:
-        num_classes = x.shape[1]
-        pos_known, neg_known = t.pos_known / num_classes, t.neg_known / num_classes
-        unk_scale = unk_weight * (num_classes - t.num_known) / (ns * num_classes)
-        pos_unk, neg_unk = unk_scale * t.pos_unk, unk_scale * t.neg_unk
+    pos_known, neg_known = known_f_B * t.pos_known, known_f_B * t.neg_known
+    pos_unk, neg_unk = unk_f_B * t.pos_unk, unk_f_B * t.neg_unk
     if o.ab_scope == "all":
         per_image = alpha * (pos_known + pos_unk) + beta * (neg_known + neg_unk)
     else:
         per_image = alpha * pos_known + beta * neg_known + pos_unk + neg_unk
-    loss = -(p_B * per_image).mean() / max(ab_mean, 1e-12)
+    loss = -(p_B * per_image).mean() / max(norm, 1e-12)
     if stats is not None:
         with torch.no_grad():
-            stats.update(alpha=alpha, beta=beta, d=d_val, p2_share=float((p_B > 1).float().mean()),
+            stats.update(alpha=alpha, beta=beta, d=d_val, p2_share=float((p_B > 1).float().mean()), norm=norm,
                          loss_known=float(-(p_B * (alpha * pos_known + beta * neg_known)).mean()),
                          loss_pseudo=float(-(p_B * (pos_unk + neg_unk)).mean()))
     return loss
