@@ -202,3 +202,30 @@ def test_report_only_rebuilds_the_tables_and_trains_nothing(grid_file, tmp_path,
     assert main(["--grid", str(grid_file), "seeds=[0,1]", "--report-only"]) == 0
     table = (out / "table.md").read_text()
     assert "| pml |" in table and "seeds 0;" in table
+
+
+def test_weight_decay_screen_keeps_the_value_validation_prefers(grid_file, tmp_path, monkeypatch):
+    """Each cell trains once per screened value; the row is the run with the best validation
+    mAP (never test) and names its value; screened cells are other cells than unscreened ones."""
+    calls = []
+
+    def fake_cell(data, method, setting, seed, *, weight_decay, **kw):
+        calls.append((method, setting, seed, weight_decay))
+        # validation prefers 1e-2 for pml and 1e-4 for an; test says the opposite
+        good = weight_decay == (1e-2 if method == "pml" else 1e-4)
+        return {"method": method, "setting": setting, "seed": seed, "val_map": 0.5 if good else 0.4,
+                "test_map": 0.3 if good else 0.6, "best_epoch": 1, "setting_hash": "h", "seconds": 0.0,
+                "final_pseudo_mean": 0.5}
+
+    monkeypatch.setattr(grid_mod, "train_cell", fake_cell)
+    args = ["--grid", str(grid_file), "seeds=[0]", "settings=[spl]"]
+    assert main(args) == 0
+    assert main(args + ["train.weight_decay_screen=[1e-4,1e-3,1e-2]"]) == 0
+    rows = _rows(tmp_path / "out" / "results.csv")
+    assert len(rows) == 4 and len(calls) == 2 + 2 * 3
+    screened = {r["method"]: r for r in rows[2:]}
+    assert float(screened["pml"]["weight_decay"]) == 1e-2 and float(screened["an"]["weight_decay"]) == 1e-4
+    assert all(float(r["test_map"]) == 0.3 for r in screened.values())
+    assert {r["params_hash"] for r in rows[:2]}.isdisjoint({r["params_hash"] for r in rows[2:]})
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| pml | 0.01 |" in table and "| an | 0.0001 |" in table

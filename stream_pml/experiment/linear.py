@@ -25,6 +25,9 @@ VARIANTS = {
     "pml-printed": ("pml", {**PAPER_OPTIONS, "ab_scope": "all", "d_schedule": "printed"}),
     # The default with the pseudo labels at the observed positive share (issue 9's study).
     "pml-pseudo": ("pml", {"pseudo_scale": "auto"}),
+    # The default before issue 18: the loss not divided by its total weight, so alpha/beta
+    # and WAN's weight shrink it and coupled weight decay weighs more against it.
+    "pml-unnormalised": ("pml", {"normalize": "none"}),
 }
 
 

@@ -105,7 +105,7 @@ def render_leave_one_out(results: list[dict], settings: list[str]) -> str:
 
 
 def write_report(rows: list[dict], out: Path, methods: list[str], settings: list[str],
-                 smoke: set[str] = frozenset()) -> None:
+                 smoke: set[str] = frozenset(), screened: bool = False) -> None:
     stats = cell_stats(rows)
     datasets = sorted({r["dataset"] for r in rows})
     # Named variants stand beside the default; the ablation switches parts of pml-paper off.
@@ -116,6 +116,9 @@ def write_report(rows: list[dict], out: Path, methods: list[str], settings: list
              f"{', '.join(seeds)}; best mean per column in bold.", ""]
     for ds in datasets:
         parts += [f"## {ds}", "", render_table(stats, ds, main_methods, settings), ""]
+        if screened:
+            parts += [f"### {ds}: weight decay chosen on validation (per seed)", "",
+                      render_chosen_weight_decay(rows, ds, main_methods, settings), ""]
         if len(ablation) > 1:
             parts += [f"### {ds}: ablation (paper Table VII)", "", render_table(stats, ds, ablation, settings), ""]
         _plots(stats, ds, main_methods, ablation, settings, out)
@@ -129,6 +132,17 @@ def write_report(rows: list[dict], out: Path, methods: list[str], settings: list
                   "it is scored on the held-out dataset's test split.",
                   "", lodo, ""]
     (out / "table.md").write_text("\n".join(parts))
+
+
+def render_chosen_weight_decay(rows: list[dict], ds: str, methods: list[str], settings: list[str]) -> str:
+    chosen: dict = {}
+    for r in sorted(rows, key=lambda r: int(r["seed"])):
+        if r["dataset"] == ds and r.get("weight_decay"):
+            chosen.setdefault((r["method"], r["setting"]), []).append(f"{float(r['weight_decay']):g}")
+    lines = [f"| {ds} | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(" / ".join(chosen.get((m, s), ["-"])) for s in settings) + " |")
+    return "\n".join(lines)
 
 
 def _plots(stats, ds, methods, ablation, settings, out: Path) -> None:
