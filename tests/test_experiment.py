@@ -229,3 +229,17 @@ def test_weight_decay_screen_keeps_the_value_validation_prefers(grid_file, tmp_p
     assert {r["params_hash"] for r in rows[:2]}.isdisjoint({r["params_hash"] for r in rows[2:]})
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| pml | 0.01 |" in table and "| an | 0.0001 |" in table
+
+
+def test_unscreened_cells_keep_their_hash_and_screened_ones_ignore_the_single_value(grid_file):
+    """Adding the screen must not make every existing results row look stale."""
+    from stream_pml.experiment.grid import cell_params, load_grid
+
+    plain = load_grid(str(grid_file))
+    train = cell_params(plain, plain.datasets[0], "an")["train"]
+    assert "weight_decay_screen" not in train and train["weight_decay"] == 1e-4
+    screened = load_grid(str(grid_file), ["train.weight_decay_screen=[1e-4,1e-2]"])
+    a = cell_params(screened, screened.datasets[0], "an")["train"]
+    b = cell_params(load_grid(str(grid_file), ["train.weight_decay_screen=[1e-4,1e-2]", "train.weight_decay=0.5"]),
+                    screened.datasets[0], "an")["train"]
+    assert a == b and "weight_decay" not in a

@@ -155,8 +155,12 @@ def cell_params(cfg: GridConfig, ds: DatasetConfig, method: str) -> dict:
         resolved["train"].pop("run_dir", None)
         return {"loss": name, "loss_params": get_loss(name, **resolved["loss"]["params"]).resolved(),
                 "config": resolved, "data": data, "masks": MASK_VERSION}
+    train = dataclasses.asdict(cfg.train)
+    # Unscreened cells keep the hash they had before the screen existed; screened ones do
+    # not depend on the single value.
+    train.pop("weight_decay" if train["weight_decay_screen"] else "weight_decay_screen")
     return {"loss": name, "loss_params": get_loss(name, **extra).resolved(),
-            "train": dataclasses.asdict(cfg.train), "data": data, "masks": MASK_VERSION}
+            "train": train, "data": data, "masks": MASK_VERSION}
 
 
 def params_hash(params: dict) -> str:
