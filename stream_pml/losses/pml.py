@@ -98,8 +98,11 @@ class PmlOptions:
     scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost 4.3 / 3.6
     points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
     PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
-    Issue 18: ``normalize="weights"``, so the loss's scale no longer depends on the weights
-    (see ``normalize``; README "Results"). The trainer still
+    Those numbers were measured unnormalised, where the weights also set how strongly
+    coupled weight decay acts. Issue 18 (on principle, not on these datasets' validation):
+    ``normalize="weights"``, so the loss's scale no longer depends on the weights (see
+    ``normalize``; README "Results" has both forms at one fixed weight decay and at the
+    weight decay validation picks per method). The trainer still
     records every sample's last prediction in the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
