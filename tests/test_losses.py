@@ -279,12 +279,12 @@ def test_pml_default_with_only_positives_observed_is_wan_balanced_by_weighted_co
     logits, targets, known, pseudo, _ = make_batch("random", 6, B=10, C=12)
     only_pos = known & (targets == 1)
     kw = {"pseudo": pseudo, "epoch": 15, "num_epochs": 20}
-    got = get_loss("pml", alpha_beta=False, normalize="none")(logits, targets, only_pos, **kw)
+    got = get_loss("pml", alpha_beta=False)(logits, targets, only_pos, **kw)
     wan = get_loss("wan")(logits, targets, only_pos)
     torch.testing.assert_close(got, wan, rtol=1e-5, atol=1e-6)
-    # Normalised: WAN divided by its mean total weight per image, (k_i + (C - k_i)/(C - 1)) / C.
+    # normalize="weights": WAN divided by its mean total weight per image, (k_i + (C - k_i)/(C - 1)) / C.
     k_B = only_pos.sum(1).float()
-    got = get_loss("pml", alpha_beta=False)(logits, targets, only_pos, **kw)
+    got = get_loss("pml", alpha_beta=False, normalize="weights")(logits, targets, only_pos, **kw)
     torch.testing.assert_close(got, wan / ((k_B + (12 - k_B) / 11) / 12).mean(), rtol=1e-5, atol=1e-6)
     stats: dict = {}
     get_loss("pml")(logits, targets, only_pos, stats=stats, **kw)
@@ -319,12 +319,11 @@ def test_pml_auto_unknown_weight_is_one_with_observed_negatives_and_wan_without(
 
 @pytest.mark.parametrize("num_classes", [12, 983])
 @pytest.mark.parametrize("setting", ["fal", "pal", "ppl", "spl"])
-def test_pml_default_is_a_weighted_mean_whatever_the_number_of_classes_or_setting(num_classes, setting):
-    """At logits 0 every entry's cross-entropy is log 2, so a weighted mean of them is log 2
-    whatever the weights: the default loss's scale depends on neither C, nor the label
-    setting, nor alpha/beta, so coupled weight decay weighs against it as against BCE's.
-    Without the normaliser it shrinks with the weights (the cause of MEASUREMENTS.md's
-    983-label result)."""
+def test_pml_total_weight_is_set_by_the_evidence_not_by_alpha_beta(num_classes, setting):
+    """At logits 0 every entry's cross-entropy is log 2, so the loss is log 2 x its total
+    weight. Default ("ab"): alpha/beta move no weight in or out, the total is that of the
+    unknown-weighted entries (AN's under FAL/PAL, WAN's under PPL/SPL) whatever C; "weights":
+    log 2 always; unnormalised: alpha/beta shrink it (MEASUREMENTS.md's 983-label result)."""
     gen = torch.Generator().manual_seed(num_classes)
     B = 16
     targets = (torch.rand(B, num_classes, generator=gen) < 3 / num_classes + 0.02).float()
@@ -339,9 +338,16 @@ def test_pml_default_is_a_weighted_mean_whatever_the_number_of_classes_or_settin
         known = torch.zeros_like(targets, dtype=torch.bool)
         known[:, 0] = True
     logits = torch.zeros(B, num_classes, requires_grad=True)
-    kw = {"pseudo": torch.full((B, num_classes), 0.5), "epoch": 3, "num_epochs": 10}
-    got = get_loss("pml")(logits, targets, known, **kw)
-    assert got.item() == pytest.approx(math.log(2), rel=1e-5)
-    unnormalised = get_loss("pml", normalize="none")(logits, targets, known, **kw).item()
-    if setting != "fal":
-        assert unnormalised < 0.5 * math.log(2)
+    # epoch 1: LL-R rejects nothing yet (a rejected entry leaves the loss, its weight with it)
+    kw = {"pseudo": torch.full((B, num_classes), 0.5), "epoch": 1, "num_epochs": 10}
+
+    def loss(**options):
+        return get_loss("pml", **options)(logits, targets, known, **kw).item()
+
+    r = float((targets * known).sum() / known.sum())
+    w = (1 - r) + r / (num_classes - 1)
+    evidence = float((known.sum(1) + w * (~known).sum(1)).float().mean()) / num_classes
+    assert loss() == pytest.approx(math.log(2) * evidence, rel=1e-5)
+    assert loss() == pytest.approx(loss(alpha_beta=False), rel=1e-5)
+    assert loss(normalize="weights") == pytest.approx(math.log(2), rel=1e-5)
+    assert loss(normalize="none") <= 0.5 * loss() * (1 + 1e-5)  # SPL: alpha = beta = 1/2

@@ -14,7 +14,7 @@ from .common import log_probs, sample_unknown
 D_SCHEDULES = ("text", "printed")
 AB_SCOPES = ("known", "all")
 REDUCTIONS = ("parts", "entries")
-NORMALIZE = ("weights", "ab", "none")
+NORMALIZE = ("ab", "weights", "none")
 
 
 def d_weight(epoch: int, num_epochs: int, m: float = 3.0, schedule: str = "text") -> float:
@@ -69,18 +69,22 @@ class PmlOptions:
       only positives are (PPL, SPL: r = 1) nothing in the batch says how many unknowns are
       hidden positives, and w is WAN's 1 / (C - 1) (Cole et al. 2021), so an image's whole
       unknown part weighs about one known entry.
-    - ``normalize``: what the loss is divided by. "weights" (default): the batch's total
-      weight, i.e. the sum over the entries entering the loss of the weight each gets
-      (alpha or beta, the unknown weight w, d, the reduction's 1/C or 1/|E_i|, 1/|S_i|; the
-      all-negative factor p is left out, it stays a penalty), so the loss is a weighted
-      *mean* of per-entry cross-entropies, as large as BCE's whatever C, the label setting or
-      the weights. Without it alpha/beta shrink the loss about 1/(2 r') times (r' = P/T) and
-      WAN's weight under PPL/SPL another (k + 1)/C times (k observed positives per image),
-      and Adam's coupled L2 weight decay grows by the same factors: a regulariser set by the
-      weights, not by the user (measured: held-out 983-label data, pml 2-4.5 points behind
-      AN at weight decay 1e-4 and ahead at 0; MEASUREMENTS.md). "ab": divide by alpha/beta's
-      mean entry weight alpha r' + beta (1 - r') only (issue 9's option). "none": the sum
-      as the equation reads (issue 9's default).
+    - ``normalize``: what the loss is divided by. "ab" (default): alpha/beta's mean entry
+      weight, alpha r' + beta (1 - r'), r' = P/T (entries counted by their weight, as in
+      beta), so alpha/beta rebalance positives against negatives without changing the
+      loss's total weight, as class-balanced losses normalise their weights (Cui et al.
+      2019). The unknown weight w keeps its effect on the total: it says how much evidence
+      an unknown entry is (WAN's 1/(C-1) under PPL/SPL). So the loss weighs as much as AN's
+      under FAL/PAL and as WAN's under PPL/SPL whatever C, and coupled L2 weight decay acts
+      against it as against the baseline of that setting. Unnormalised ("none", issue 9's
+      default), alpha/beta shrink the loss about 1/(2 r') times (15x on a 983-label set)
+      and the decay grows as much: measured there, pml 2-4.5 points behind AN at weight decay
+      1e-4 and ahead at 0 (MEASUREMENTS.md). "weights": the batch's total weight, the sum
+      over the entries entering the loss of the weight each gets (alpha or beta, w, d, the
+      reduction's 1/C or 1/|E_i|, 1/|S_i|; p left out, it stays a penalty): a weighted
+      *mean* of per-entry cross-entropies, BCE's scale in every setting, so under PPL/SPL
+      the decay acts (k + 1)/C times as strongly as on WAN (README "Results": measured, it
+      then loses most PPL/SPL cells to WAN at one fixed weight decay).
     - ``reduction``: "parts" (the paper) averages the known part over E_i and the unknown
       part over S_i separately, so an unknown entry weighs |E_i| / |S_i| times a known one:
       under PAL hidden positives, scored as unknowns, then outweigh the observed positives
@@ -100,9 +104,9 @@ class PmlOptions:
     PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
     Those numbers were measured unnormalised, where the weights also set how strongly
     coupled weight decay acts. Issue 18 (on principle, not on these datasets' validation):
-    ``normalize="weights"``, so the loss's scale no longer depends on the weights (see
-    ``normalize``; README "Results" has both forms at one fixed weight decay and at the
-    weight decay validation picks per method). The trainer still
+    ``normalize="ab"``: alpha/beta no longer change the loss's total weight (see
+    ``normalize``; README "Results" has the three forms at one fixed weight decay and the
+    default at the weight decay validation picks per method). The trainer still
     records every sample's last prediction in the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
     :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
     METHOD.md pins it down (``pml-paper`` in the experiment harness); add
@@ -127,7 +131,7 @@ class PmlOptions:
     reject: float = 0.002
     reduction: str = "entries"
     unknown_weight: float | str = "auto"
-    normalize: str = "weights"
+    normalize: str = "ab"
 
     def __post_init__(self) -> None:
         if self.ab_scope not in AB_SCOPES:
