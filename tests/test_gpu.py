@@ -136,3 +136,19 @@ def test_killed_gpu_run_resumes_bitwise_equal_on_an_nccl_group(digits_shards, tm
         assert torch.equal(value, states[1]["model"][name]), name
     stores = [zarr.open_array(str(r / "pseudo_labels.zarr"), mode="r")[:] for r in (reference, killed)]
     assert np.array_equal(*stores) and (stores[0] != 127).any()
+
+
+@pytest.mark.parametrize("normalize", ["ab", "weights", "none"])
+def test_pml_loss_on_cuda_equals_the_cpu_loss(normalize):
+    """Every normaliser's batch statistics stay on the batch's device (all_reduce_sum stacks
+    them: one CPU scalar beside CUDA ones would fail) and give the CPU value."""
+    from stream_pml.losses.pml import pml_loss_sparse
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 40, generator=gen)
+    pos, neg = torch.randint(0, 40, (16, 3), generator=gen), torch.randint(-1, 40, (16, 8), generator=gen)
+    kw = dict(epoch=3, num_epochs=10, normalize=normalize)  # q = 1: every unknown entry, no draw
+    cpu = pml_loss_sparse(x, pos, neg, **kw)
+    cuda = pml_loss_sparse(x.cuda(), pos.cuda(), neg.cuda(), **kw)
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-6)

@@ -249,11 +249,14 @@ def _finish(known_terms: dict, x: torch.Tensor, sampled_BC: torch.Tensor, pseudo
         stats.update(pseudo_scale=scale, unknown_weight=weight)
     pos_E, neg_E, target_E, kept_E = _unknown_entry_terms(x_E, yt_E, scale, observed_share, opts)
     zeros_B = torch.zeros(batch, device=x.device, dtype=x.dtype)
+    # Only normalize="weights" needs the kept entries' targets and counts: not on every step.
+    kept = ({} if opts.normalize != "weights" else
+            dict(target_kept=zeros_B.index_add(0, rows_E, (target_E * kept_E).detach()),
+                 num_kept=zeros_B.index_add(0, rows_E, kept_E)))
     terms = _Terms(**known_terms,
                    pos_unk=zeros_B.index_add(0, rows_E, pos_E), neg_unk=zeros_B.index_add(0, rows_E, neg_E),
                    num_sampled=torch.bincount(rows_E, minlength=batch).float(), pseudo_mass=yt_E.sum(),
-                   unknown_weight=weight, target_kept=zeros_B.index_add(0, rows_E, (target_E * kept_E).detach()),
-                   num_kept=zeros_B.index_add(0, rows_E, kept_E))
+                   unknown_weight=weight, **kept)
     return _combine(terms, x, opts, stats)
 
 
@@ -299,8 +302,25 @@ class _Terms:
     num_sampled: torch.Tensor
     pseudo_mass: torch.Tensor
     unknown_weight: float
-    target_kept: torch.Tensor  # sum of the targets t over the sampled entries LL-R kept
-    num_kept: torch.Tensor  # sampled entries LL-R kept
+    # normalize="weights" only: per image, the sum of the targets t over the sampled entries
+    # LL-R kept, and how many it kept
+    target_kept: torch.Tensor | None = None
+    num_kept: torch.Tensor | None = None
+
+
+def _weight_masses(t: _Terms, known_f_B: torch.Tensor, unk_f_B: torch.Tensor,
+                   o: PmlOptions) -> tuple[torch.Tensor, ...]:
+    """The loss's total weight split by what alpha, beta or neither multiply (it is linear
+    in alpha and beta, so the one all-reduce of beta's counts carries it), and the images."""
+    pos_mass = known_f_B * t.pos_count
+    neg_mass = known_f_B * (t.num_known - t.pos_count)
+    unk_pos, unk_neg = unk_f_B * t.target_kept, unk_f_B * (t.num_kept - t.target_kept)
+    if o.ab_scope == "all":
+        pos_mass, neg_mass, free_mass = pos_mass + unk_pos, neg_mass + unk_neg, pos_mass.new_zeros(())
+    else:
+        free_mass = (unk_pos + unk_neg).sum()
+    # On the batch's device: all_reduce_sum stacks its values (a CPU scalar beside CUDA ones fails).
+    return pos_mass.sum(), neg_mass.sum(), free_mass, pos_mass.new_tensor(float(len(pos_mass)))
 
 
 def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> torch.Tensor:
@@ -315,26 +335,18 @@ def _combine(t: _Terms, x: torch.Tensor, o: PmlOptions, stats: dict | None) -> t
         known_f_B = torch.full_like(ns, 1.0 / num_classes)
         unk_f_B = unk_weight * (num_classes - t.num_known) / (ns * num_classes)
     with torch.no_grad():
-        # The loss's total weight, split by what alpha, beta or neither multiply (linear in
-        # alpha and beta, so one all-reduce serves beta and the normaliser).
-        pos_mass = known_f_B * t.pos_count
-        neg_mass = known_f_B * (t.num_known - t.pos_count)
-        unk_pos, unk_neg = unk_f_B * t.target_kept, unk_f_B * (t.num_kept - t.target_kept)
-        if o.ab_scope == "all":
-            pos_mass, neg_mass, free_mass = pos_mass + unk_pos, neg_mass + unk_neg, unk_pos.sum() * 0.0
-        else:
-            free_mass = (unk_pos + unk_neg).sum()
         # Batch statistics count each entry by its weight in the loss: an unknown entry at
         # WAN's weight is 1/(C-1) of an entry, so beta balances the same mass it weighs.
         w = t.unknown_weight
         num_pos = t.pos_count.sum() + (w * t.pseudo_mass if o.beta_counts_pseudo else 0.0)
-        num_pos, num_entries, pos_mass, neg_mass, free_mass, num_images = all_reduce_sum(
-            num_pos, t.num_known.sum() + w * t.num_sampled.sum(), pos_mass.sum(), neg_mass.sum(), free_mass,
-            torch.tensor(float(batch)))
+        masses = _weight_masses(t, known_f_B, unk_f_B, o) if o.normalize == "weights" else ()
+        num_pos, num_entries, *masses = all_reduce_sum(num_pos, t.num_known.sum() + w * t.num_sampled.sum(),
+                                                       *masses)
         share = float(num_pos / num_entries.clamp(min=1.0))
         beta = max(share, o.gamma) if o.alpha_beta else 1.0
         alpha = 1.0 - beta if o.alpha_beta else 1.0
         if o.normalize == "weights":
+            pos_mass, neg_mass, free_mass, num_images = masses
             norm = float((alpha * pos_mass + beta * neg_mass + free_mass) / num_images)
         elif o.normalize == "ab" and o.alpha_beta:
             norm = alpha * share + beta * (1.0 - share)
