@@ -67,13 +67,13 @@ def main() -> None:
         tmp = Path(tmp)
         from shard_tools.cli import main as shard_main
 
-        coco = REPO / "shared_data" / "coco128"
+        coco = REPO / "tests" / "data" / "coco128"
         shards = tmp / "coco"
-        # 128 real images, 8 copies through a list file -> 1,024 images in 16 shards.
+        # 32 real images, 32 copies through a list file -> 1,024 images in 16 shards.
         imgs = tmp / "imgs"
         imgs.mkdir()
         lines = ["path,labels"]
-        for k in range(8):
+        for k in range(32):
             for p in sorted((coco / "images/train2017").glob("*.jpg")):
                 (imgs / f"{k}_{p.name}").symlink_to(p)
                 lines.append(f"{k}_{p.name},x")

@@ -5,8 +5,7 @@
 # 199 MB wheel is too large to carry there: the DALI checks then skip, named). Prepare here:
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d wheelhouse zarr numcodecs omegaconf webdataset simplejpeg   # (git-ignored)
-#   cp -r ../shared/data shared_data                                  # (git-ignored)
-# and carry wheelhouse/ and shared_data/.
+# and carry wheelhouse/ (the sample images come with the repository, tests/data/coco128).
 # 1. `pytest -m gpu`: an NCCL-only process group, DALI mixed decode, bf16, channels_last,
 #    a kill mid-epoch and a resume that must end bitwise equal (train.deterministic).
 # 2. bench.gpu_check prints one JSON object with resnet50_448_bf16_images_per_s (target

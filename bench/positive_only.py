@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.positive_only [--seeds 0 1 2] [--workers 2]
 
-Linear heads on the shared feature datasets (the grid's cell protocol: Adam, lr 1e-3, weight
+Linear heads on the sample feature datasets (tests/data/features) (the grid's cell protocol: Adam, lr 1e-3, weight
 decay 1e-4, 20 epochs, the epoch chosen on validation mAP), settings PPL 0.3/0.6/0.9 and SPL,
 methods: ``pml`` (default: under positive-only labels its ``unknown_weight`` "auto" is WAN's
 1/(C-1)), ``pml-w1`` (AN's weight 1), ``pml-wsqrt`` (1/sqrt(C-1), the geometric middle), and
@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FEATURES = REPO.parent / "shared/data/features"
+FEATURES = REPO / "tests/data/features"
 DATASETS = {"bibtex": "bibtex/bibtex", "corel16k001": "corel16k/corel16k001",
             "corel16k002": "corel16k/corel16k002", "corel5k-densehue": "corel5k-densehue/corel5k-densehue",
             "scene": "scene/scene", "yeast": "yeast/yeast"}

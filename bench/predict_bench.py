@@ -2,7 +2,7 @@
 
     python -m bench.predict_bench --checkpoint runs/demo [--images DIR]
 
-Default images: the 128 real coco128 train2017 JPEGs (640x480-class), resized to the
+Default images: the 32 real coco128 train2017 JPEGs in tests/data (BENCHMARKS.md used all 128), resized to the
 model's input size by the same code as ``predict``.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from stream_pml import inference
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images" / "train2017"
+COCO = Path(__file__).resolve().parents[1] / "tests" / "data" / "coco128" / "images" / "train2017"
 
 
 def main(argv=None) -> None:

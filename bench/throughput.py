@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-COCO = REPO.parent / "shared" / "data" / "coco128"
+# The repository's 32 sample images by default; BENCHMARKS.md's figures used the full
+# coco128 (128 images, `--coco PATH`, same layout).
+COCO = REPO / "tests" / "data" / "coco128"
 SIZE = 448
-# The 128 sample images are read this many times per measurement, so start-up (worker
+# The sample images are read this many times per measurement, so start-up (worker
 # processes, DALI's pipeline) weighs on every loader as it would on a real epoch's start.
 PASSES = 4
 
@@ -43,12 +45,12 @@ def median_rate(fn, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def build_coco_shards(tmp: Path) -> Path:
+def build_coco_shards(tmp: Path, coco: Path = COCO) -> Path:
     from shard_tools.cli import main as shard_main
 
     out = tmp / "coco_shards"
-    rc = shard_main(["build", "coco", "--images", str(COCO / "images/train2017"), "--annotations",
-                     str(COCO / "annotations/instances_train2017.json"), "--out", str(out),
+    rc = shard_main(["build", "coco", "--images", str(coco / "images/train2017"), "--annotations",
+                     str(coco / "annotations/instances_train2017.json"), "--out", str(out),
                      "--shard-size", "64", "--workers", "2"])
     assert rc == 0
     return out
@@ -204,11 +206,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--stages", nargs="+", default=["decode", "loaders", "loss", "step"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--coco", type=Path, default=COCO, help="a coco128-layout folder (images/train2017, annotations/)")
     args = ap.parse_args(argv)
     report: dict = {"machine": f"{os.cpu_count()} cores", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = build_coco_shards(tmp) if {"decode", "loaders"} & set(args.stages) else None
+        shards = build_coco_shards(tmp, args.coco) if {"decode", "loaders"} & set(args.stages) else None
         if "decode" in args.stages:
             report["decode"] = stage_decode(shards, args.repeats)
         if "loaders" in args.stages:

@@ -6,18 +6,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# Real sample data, inside the repository (tests/data/README.md says what and where from).
+SAMPLE_DATA = Path(__file__).resolve().parent / "data"
 
 # Tests run on 2 cores; keep every process to its share so parallel workers do not thrash.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = SHARED / "data"
-    if not path.is_dir():
-        pytest.fail(f"the shared sample data is expected at {path} (see README, 'Tests')")
-    return path
+def sample_data() -> Path:
+    return SAMPLE_DATA
 
 
 @pytest.fixture(scope="session")

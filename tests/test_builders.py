@@ -56,8 +56,8 @@ def _build(*args) -> int:
 
 # -- Open Images -------------------------------------------------------------------------
 
-def test_real_class_lists_parse(shared_data):
-    fmt = shared_data / "openimages-format"
+def test_real_class_lists_parse(sample_data):
+    fmt = sample_data / "openimages"
     ids, names = read_class_list(fmt / "class-descriptions-boxable.csv")
     assert len(ids) == 601 and ids[0] == "/m/011k07" and names[0] == "Tortoise"
     ids, names = read_class_list(fmt / "oidv6-class-descriptions.csv")
@@ -65,15 +65,15 @@ def test_real_class_lists_parse(shared_data):
     assert names[ids.index("/m/01c_0l")] == "Ducks, geese and swans"
 
 
-def test_class_list_with_header(tmp_path, shared_data):
-    src = (shared_data / "openimages-format/class-descriptions-boxable.csv").read_text()
+def test_class_list_with_header(tmp_path, sample_data):
+    src = (sample_data / "openimages/class-descriptions-boxable.csv").read_text()
     f = tmp_path / "with_header.csv"
     f.write_text("LabelName,DisplayName\n" + src)
     assert len(read_class_list(f)[0]) == 601
 
 
-def test_machine_labels_are_never_mixed_in_silently(tmp_path, shared_data):
-    fmt = shared_data / "openimages-format"
+def test_machine_labels_are_never_mixed_in_silently(tmp_path, sample_data):
+    fmt = sample_data / "openimages"
     images = tmp_path / "images"
     _jpeg(images / "a" / "000026e7ee790996.jpg")
     _jpeg(images / "b" / "000062a39995e348.jpg")  # subfolders are searched
@@ -98,8 +98,8 @@ def test_machine_labels_are_never_mixed_in_silently(tmp_path, shared_data):
     assert "machine_label" not in _problems(out2)
 
 
-def test_openimages_human_labels_and_every_bad_input(tmp_path, shared_data):
-    fmt = shared_data / "openimages-format"
+def test_openimages_human_labels_and_every_bad_input(tmp_path, sample_data):
+    fmt = sample_data / "openimages"
     images = tmp_path / "images"
     for name in ("img1", "img2", "img3", "img4"):
         _jpeg(images / f"{name}.jpg")
@@ -249,27 +249,27 @@ def test_own_list_files(tmp_path, fmt):
 
 # -- build mechanics -------------------------------------------------------------------------
 
-def _coco_args(shared_data, out, *extra):
-    root = shared_data / "coco128"
+def _coco_args(sample_data, out, *extra):
+    root = sample_data / "coco128"
     return ["coco", "--images", root / "images/train2017", "--annotations",
-            root / "annotations/instances_train2017.json", "--out", out, "--shard-size", "40", *extra]
+            root / "annotations/instances_train2017.json", "--out", out, "--shard-size", "10", *extra]
 
 
-def test_parallel_build_equals_serial(shared_data, tmp_path):
-    assert _build(*_coco_args(shared_data, tmp_path / "serial")) == 0
-    assert shard_main(["build", *map(str, _coco_args(shared_data, tmp_path / "par")), "--workers", "2"]) == 0
+def test_parallel_build_equals_serial(sample_data, tmp_path):
+    assert _build(*_coco_args(sample_data, tmp_path / "serial")) == 0
+    assert shard_main(["build", *map(str, _coco_args(sample_data, tmp_path / "par")), "--workers", "2"]) == 0
     assert load_manifest(tmp_path / "serial").fingerprint() == load_manifest(tmp_path / "par").fingerprint()
 
 
-def test_rerun_skips_complete_shards_and_redoes_damaged_ones(shared_data, tmp_path):
+def test_rerun_skips_complete_shards_and_redoes_damaged_ones(sample_data, tmp_path):
     out = tmp_path / "out"
-    assert _build(*_coco_args(shared_data, out)) == 0
+    assert _build(*_coco_args(sample_data, out)) == 0
     before = load_manifest(out)
     tars = sorted(out.glob("train-*.tar"))
     mtimes = {t.name: t.stat().st_mtime_ns for t in tars}
     tars[1].write_bytes(tars[1].read_bytes()[:5000])  # an interrupted write
     tars[2].unlink()
-    assert _build(*_coco_args(shared_data, out)) == 0
+    assert _build(*_coco_args(sample_data, out)) == 0
     after = load_manifest(out)
     assert after.fingerprint() == before.fingerprint()
     for t in sorted(out.glob("train-*.tar")):

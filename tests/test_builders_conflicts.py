@@ -66,8 +66,8 @@ def _case_name(seq: tuple[int, ...]) -> str:
     return "s" + "".join(map(str, seq))
 
 
-def test_openimages_conflict_rule_every_order(tmp_path, shared_data):
-    fmt = shared_data / "openimages-format"
+def test_openimages_conflict_rule_every_order(tmp_path, sample_data):
+    fmt = sample_data / "openimages"
     cases = {_case_name(s): s for s in SEQUENCES}
     labels = tmp_path / "labels.csv"
     text, lines = ["ImageID,Source,LabelName,Confidence"], {i: [] for i in cases}

@@ -14,13 +14,13 @@ from stream_pml.experiment.grid import main
 
 
 @pytest.fixture
-def grid_file(tmp_path, shared_data):
+def grid_file(tmp_path, sample_data):
     f = tmp_path / "grid.yaml"
     f.write_text(f"""
 datasets:
   - name: yeast
     kind: npz
-    path: {shared_data / 'features/yeast/yeast.npz'}
+    path: {sample_data / 'features/yeast/yeast.npz'}
 methods: [pml, an]
 settings: [pal0.3, spl]
 seeds: [0, 1]
@@ -87,11 +87,11 @@ out_dir: {tmp_path / 'out'}
     assert "q: 1.0" in cfg and "label_setting: spl" in cfg
 
 
-def test_diagnose_writes_curves_and_ap_by_class_frequency(shared_data, tmp_path):
+def test_diagnose_writes_curves_and_ap_by_class_frequency(sample_data, tmp_path):
     from stream_pml.experiment.diagnose import frequency_buckets, main as diagnose_main
 
     out = tmp_path / "diag"
-    assert diagnose_main(["--data", str(shared_data / "features/yeast/yeast.npz"), "--methods", "pml-paper", "an",
+    assert diagnose_main(["--data", str(sample_data / "features/yeast/yeast.npz"), "--methods", "pml-paper", "an",
                           "--settings", "spl", "--epochs", "2", "--out", str(out)]) == 0
     curves = list(csv.DictReader(open(out / "curves.csv")))
     assert [(r["method"], r["epoch"]) for r in curves] == [("pml-paper", "1"), ("pml-paper", "2"),
@@ -243,3 +243,23 @@ def test_unscreened_cells_keep_their_hash_and_screened_ones_ignore_the_single_va
     b = cell_params(load_grid(str(grid_file), ["train.weight_decay_screen=[1e-4,1e-2]", "train.weight_decay=0.5"]),
                     screened.datasets[0], "an")["train"]
     assert a == b and "weight_decay" not in a
+
+
+def test_a_cell_is_the_data_it_reads_not_the_path_it_was_read_from(grid_file, sample_data, tmp_path):
+    """Moving a data set keeps its results current; other bytes at the same path do not."""
+    import dataclasses
+    import shutil
+
+    from stream_pml.experiment.grid import cell_params, load_grid, params_hash
+
+    cfg = load_grid(str(grid_file))
+
+    def hash_at(path):
+        return params_hash(cell_params(cfg, dataclasses.replace(cfg.datasets[0], path=str(path)), "pml"))
+
+    moved = tmp_path / "elsewhere" / "y.npz"
+    moved.parent.mkdir()
+    shutil.copy(sample_data / "features/yeast/yeast.npz", moved)
+    assert hash_at(moved) == hash_at(sample_data / "features/yeast/yeast.npz")
+    shutil.copy(sample_data / "features/scene/scene.npz", moved)
+    assert hash_at(moved) != hash_at(sample_data / "features/yeast/yeast.npz")

@@ -100,12 +100,12 @@ def test_predict_over_a_shard_split_names_samples_by_key(trained, digits_shards,
     assert sorted(names) == sorted((digits_shards / "val.keys.txt").read_text().split())
 
 
-def test_train_experiment_and_demo_subcommands(digits_shards, tmp_path, shared_data):
+def test_train_experiment_and_demo_subcommands(digits_shards, tmp_path, sample_data):
     run = tmp_path / "run"
     assert cli(["train", *tiny_overrides(digits_shards, run)]) == 0
     assert (run / "metrics.json").is_file()
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"datasets: [{{name: yeast, kind: npz, path: {shared_data / 'features/yeast/yeast.npz'}}}]\n"
+    grid.write_text(f"datasets: [{{name: yeast, kind: npz, path: {sample_data / 'features/yeast/yeast.npz'}}}]\n"
                     f"methods: [an]\nsettings: [spl]\nseeds: [0]\nablation: false\n"
                     f"train: {{epochs: 1}}\nout_dir: {tmp_path / 'grid'}\n")
     assert cli(["experiment", "--grid", str(grid)]) == 0

@@ -12,8 +12,8 @@ from stream_pml.labels import PartialLabels, entry_uniform, make_partial, read_s
 
 
 @pytest.fixture(scope="module")
-def coco_full(shared_data) -> np.ndarray:
-    entries = json.loads((shared_data / "coco2014-val-labels/val_anno.json").read_text())
+def coco_full(sample_data) -> np.ndarray:
+    entries = json.loads((sample_data / "coco2014-val-labels/val_anno.json").read_text())
     full = np.zeros((len(entries), 80), dtype=np.int8)
     for i, e in enumerate(entries):
         full[i, e["labels"]] = 1

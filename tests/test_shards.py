@@ -31,18 +31,18 @@ def _read_back(out, split):
 
 
 @pytest.fixture(scope="module")
-def coco128_shards(shared_data, tmp_path_factory):
+def coco128_shards(sample_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("coco128")
-    root = shared_data / "coco128"
+    root = sample_data / "coco128"
     rc = shard_main(["build", "coco", "--images", str(root / "images/train2017"),
                      "--annotations", str(root / "annotations/instances_train2017.json"),
-                     "--out", str(out), "--split", "train", "--shard-size", "50"])
+                     "--out", str(out), "--split", "train", "--shard-size", "12"])
     assert rc == 0
     return out
 
 
-def test_coco_shards_hold_the_json_labels(coco128_shards, shared_data):
-    root = shared_data / "coco128"
+def test_coco_shards_hold_the_json_labels(coco128_shards, sample_data):
+    root = sample_data / "coco128"
     coco = json.loads((root / "annotations/instances_train2017.json").read_text())
     cats = sorted(c["id"] for c in coco["categories"])
     expected: dict[str, set[int]] = {img["file_name"][:-4]: set() for img in coco["images"]}
@@ -52,7 +52,7 @@ def test_coco_shards_hold_the_json_labels(coco128_shards, shared_data):
 
     manifest, samples = _read_back(coco128_shards, "train")
     assert manifest.classes == (root / "classes.txt").read_text().split("\n")[:80]
-    assert len(samples) == len(expected) == 128
+    assert len(samples) == len(expected) == 32
     keys = (coco128_shards / "train.keys.txt").read_text().split()
     got = {}
     for s in samples:
@@ -70,9 +70,9 @@ def test_coco_shards_hold_the_json_labels(coco128_shards, shared_data):
 
 def test_rows_follow_shard_order(coco128_shards):
     manifest, samples = _read_back(coco128_shards, "train")
-    assert [s["row"] for s in samples] == list(range(128))
-    assert [s.num_samples for s in manifest.splits["train"].shards] == [50, 50, 28]
-    assert [s.row_start for s in manifest.splits["train"].shards] == [0, 50, 100]
+    assert [s["row"] for s in samples] == list(range(32))
+    assert [s.num_samples for s in manifest.splits["train"].shards] == [12, 12, 8]
+    assert [s.row_start for s in manifest.splits["train"].shards] == [0, 12, 24]
 
 
 def test_index_files_equal_dali_wds2idx(coco128_shards, tmp_path):
@@ -84,8 +84,8 @@ def test_index_files_equal_dali_wds2idx(coco128_shards, tmp_path):
         assert ref.read_text() == (coco128_shards / shard.index).read_text()
 
 
-def test_build_is_deterministic(shared_data, tmp_path):
-    root = shared_data / "coco128"
+def test_build_is_deterministic(sample_data, tmp_path):
+    root = sample_data / "coco128"
     args = ["build", "coco", "--images", str(root / "images/train2017"), "--annotations",
             str(root / "annotations/instances_train2017.json"), "--shard-size", "64"]
     assert shard_main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -94,8 +94,8 @@ def test_build_is_deterministic(shared_data, tmp_path):
     assert a.fingerprint() == b.fingerprint()
 
 
-def test_missing_image_is_reported_not_fatal(shared_data, tmp_path):
-    root = shared_data / "coco128"
+def test_missing_image_is_reported_not_fatal(sample_data, tmp_path):
+    root = sample_data / "coco128"
     coco = json.loads((root / "annotations/instances_train2017.json").read_text())
     coco["images"].append({"id": 999999999, "file_name": "does_not_exist.jpg"})
     coco["annotations"].append({"id": 1, "image_id": 5, "category_id": 1})  # no such image
@@ -107,7 +107,7 @@ def test_missing_image_is_reported_not_fatal(shared_data, tmp_path):
     report = (out / "build_report.csv").read_text()
     assert "missing_image" in report and "does_not_exist.jpg" in report
     assert "label_without_image" in report
-    assert load_manifest(out).splits["train"].num_samples == 128
+    assert load_manifest(out).splits["train"].num_samples == 32
     # --strict turns the same input into an error.
     assert shard_main(["build", "coco", "--images", str(root / "images/train2017"),
                        "--annotations", str(ann), "--out", str(tmp_path / "strict"), "--strict"]) == 2

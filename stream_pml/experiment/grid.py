@@ -31,6 +31,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from shard_tools.manifest import load_manifest
+
 from ..labels import MASK_VERSION
 from ..losses import LOSSES, get_loss
 from .linear import VARIANTS, parse_setting, resolve_method, train_cell
@@ -145,8 +147,10 @@ def trainer_cell(ds: DatasetConfig, method: str, setting: str, seed: int, out: P
 def cell_params(cfg: GridConfig, ds: DatasetConfig, method: str) -> dict:
     """What a cell's result depends on besides (setting, seed): resolved, defaults included."""
     name, extra = resolve_method(method)
-    # What a result depends on: not the name, nor whether the dataset is a smoke test.
+    # What a result depends on: the data's content, not its name, its path (a moved copy is
+    # the same data) or whether it is a smoke test.
     data = {k: v for k, v in dataclasses.asdict(ds).items() if k not in ("name", "smoke")}
+    data["path"] = data_identity(ds)
     if ds.kind == "trainer":
         from ..config import load_config, to_dict
 
@@ -161,6 +165,21 @@ def cell_params(cfg: GridConfig, ds: DatasetConfig, method: str) -> dict:
     train.pop("weight_decay" if train["weight_decay_screen"] else "weight_decay_screen")
     return {"loss": name, "loss_params": get_loss(name, **extra).resolved(),
             "train": train, "data": data, "masks": MASK_VERSION}
+
+
+def data_identity(ds: DatasetConfig) -> str:
+    """The data a cell reads, by content: an npz file's sha256, a shard directory's manifest
+    fingerprint. A path that does not exist (yet) stands for itself."""
+    path = Path(ds.path)
+    if ds.kind == "npz" and path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    if ds.kind in ("shards", "trainer") and (path / "manifest.json").is_file():
+        return "manifest:" + load_manifest(path).fingerprint()
+    return ds.path
 
 
 def params_hash(params: dict) -> str:
