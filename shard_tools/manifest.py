@@ -1,6 +1,6 @@
 """The shard format's manifest: what a shard directory holds, and its checks.
 
-Layout of a built dataset directory (DESIGN.md sections 1-2)::
+Layout of a built dataset directory (docs/design.md#row-ids-in-shard-order)::
 
     manifest.json
     {split}-{NNNNNN}.tar    samples: KEY.jpg, KEY.row (int64 LE), KEY.pos / KEY.neg (int32 LE), KEY.json

@@ -1,5 +1,5 @@
 """Shards where they live: ``s3://``, ``gs://``, ``http(s)://`` and ``file://`` through fsspec
-(DESIGN.md section 9).
+(docs/design.md#remote-cache).
 
 Credentials and endpoints come from the usual environment (``AWS_ENDPOINT_URL`` points s3fs at
 an S3-compatible server on premises, ``AWS_ACCESS_KEY_ID`` ...); ``STREAM_PML_FSSPEC`` may hold

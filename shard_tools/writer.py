@@ -2,7 +2,7 @@
 
 A dataset module only yields :class:`Record` objects; this module shuffles them (seeded,
 because DALI only shuffles inside a buffer), checks and optionally re-encodes each image,
-assigns global row ids in write order and writes fixed-size shards (DESIGN.md sections 1-2).
+assigns global row ids in write order and writes fixed-size shards (docs/design.md#row-ids-in-shard-order).
 """
 
 from __future__ import annotations

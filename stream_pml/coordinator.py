@@ -5,9 +5,9 @@ Everything a restart needs is registered once under a fixed key, as an object wi
 optimizer, scheduler, ROLE's estimator, progress) and saved once by rank 0 in
 ``trainer.pt``; *per-rank* states (stream position, random states) are saved by each rank in
 ``rank{r}.pt``. The pseudo-label store is the third kind, rank-owned: each rank journals its
-own chunks into the checkpoint (DESIGN.md section 5).
+own chunks into the checkpoint (docs/design.md#checkpoint-and-store-agree).
 
-A checkpoint written by another number of processes resumes too (DESIGN.md section 8): the
+A checkpoint written by another number of processes resumes too (docs/design.md#a-change-of-world-size): the
 shared states load as always, each new rank applies (or rolls back) the journals of the old
 ranks ``r`` with ``r % world_size == rank``, and per-rank states are handed every old rank's
 state through ``load_resharded`` (a state without it refuses the change in one line).

@@ -62,7 +62,7 @@ def setup(device_pref: str = "auto") -> DistInfo:
             # addresses from torchrun's shared store and could not connect (pytorch#135712).
             warnings.warn("torchrun shares its rendezvous store with the workers, so a restarted group "
                           "may fail to connect: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                          "(README, \"Resume\")", stacklevel=2)
+                          "(docs/distributed.md#elastic-restarts-and-another-world-size)", stacklevel=2)
         dist.init_process_group(backend=CUDA_BACKEND if use_cuda else "gloo")
     if _group_up():
         rank, world_size = dist.get_rank(), dist.get_world_size()

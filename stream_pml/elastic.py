@@ -1,4 +1,4 @@
-"""The epoch's plan across a change of world size (DESIGN.md section 8).
+"""The epoch's plan across a change of world size (docs/design.md#a-change-of-world-size).
 
 An epoch is normally the ordinary deal of :mod:`.data.deal` for the run's world size. When a
 run resumes mid-epoch on another number of processes, the rest of that epoch is what no old

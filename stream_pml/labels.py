@@ -1,4 +1,4 @@
-"""Label settings (METHOD.md): FAL, PAL_x, PPL_x, SPL, drawn per entry, seeded.
+"""Label settings (docs/method.md#label-settings): FAL, PAL_x, PPL_x, SPL, drawn per entry, seeded.
 
 Every random choice is a counter-based hash of (seed, purpose, row, class), so any process
 computes any row's partial labels from that row's positives alone, in O(classes): no rank
@@ -41,8 +41,7 @@ def entry_uniform(seed: int, purpose: int, rows_B: np.ndarray, num_classes: int)
 
 
 class PartialLabels:
-    """The training split's labels under a label setting, row by row (see METHOD.md
-    "Label settings"):
+    """The training split's labels under a label setting, row by row (docs/method.md#label-settings):
 
     - ``fal``: everything known.
     - ``pal``: each entry kept independently with probability ``ratio``.

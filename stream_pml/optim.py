@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule.
 
 The paper says only that the learning rate changes continuously; Adam with lr 1e-4, weight
-decay 1e-4 and OneCycle is our choice (METHOD.md), as in ASL/ML-Decoder training recipes.
+decay 1e-4 and OneCycle is our choice (docs/method.md#optimiser), as in ASL/ML-Decoder training recipes.
 """
 
 import warnings

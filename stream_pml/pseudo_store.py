@@ -1,7 +1,8 @@
 """Pseudo labels of unknown entries (paper eq. 5) in a Zarr array, crash-consistent.
 
 0.5 before an image is seen (the array's fill value: a fresh 5.6M x 600 store writes only
-metadata), afterwards the model's last prediction. Invariants (DESIGN.md sections 3 and 5):
+metadata), afterwards the model's last prediction. Invariants
+(docs/design.md#store-chunks-and-writers, docs/design.md#checkpoint-and-store-agree):
 
 - one chunk per piece of the epoch deal (``chunk_rows = data.piece_rows``, see
   ``data/deal.py``), and a rank writes only the chunks of the pieces it owns this epoch
@@ -20,8 +21,7 @@ metadata), afterwards the model's last prediction. Invariants (DESIGN.md section
   loadable, e.g. corrupt) are rolled back from their undo files. So the store always equals
   what the resumed checkpoint saw.
 
-uint8 stores round(p * 254): 0.5 is exact (127), where DESIGN.md's "x 255" would store
-0.502; resolution 1/254 is far below the noise of a prediction.
+uint8 stores round(p * 254): 0.5 is exact (127), where "x 255" would store 0.502; resolution 1/254 is far below the noise of a prediction.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class RunIdentity:
                 continue
             if key not in MAY_CHANGE_AT_RESUME:
                 raise ResumeError(f"cannot resume {run_dir}: {key} was {old!r}, now {new!r}; at resume only "
-                                  "the number of processes and the keys listed in README \"Resume\" may "
+                                  "the number of processes and the keys listed in docs/training.md#what-may-change-at-resume may "
                                   "change (use a new train.run_dir for another setting)")
             self.changed[key] = (old, new)
 

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stream_pml.train", description=__doc__,
         epilog="config sections: data, model, loss, optim, pseudo, train; every key with its default and "
-               "meaning is in README 'Training' (and each run's config.yaml holds them all, resolved)")
+               "meaning is in docs/training.md#configuration (and each run's config.yaml holds them all, resolved)")
     parser.add_argument("--config", help="YAML run file (only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)

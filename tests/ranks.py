@@ -168,7 +168,7 @@ def _install_recorder(out: Path, rank: int) -> _Records:
     def write(self, rows_B, probs_BC, previous_BC=None):
         # What the rows should hold, computed here rather than read back from the store, so
         # that a wrong blend or encoding cannot agree with itself: the momentum blend of
-        # METHOD.md, then uint8 p x 254 rounded to nearest.
+        # the store (pseudo.momentum, docs/training.md#pseudo-label-store), then uint8 p x 254 rounded to nearest.
         probs = probs_BC.detach().float().cpu().numpy().astype(np.float64)
         m = self.cfg.momentum
         if m > 0:

@@ -154,7 +154,7 @@ def pml(logits, targets, known, pseudo, sampled, *, epoch, num_epochs, gamma=0.0
         alpha_beta=True, d=False, p=False, d_schedule="text", ab_scope="all",
         beta_counts_pseudo=False, pseudo_scale=0.0, unknown_gamma_pos=0.0, unknown_gamma_neg=0.0,
         unknown_clip=0.0, reject=0.002, reduction="entries", unknown_weight="auto", normalize="ab", q=None):
-    """Eq. 12 with METHOD.md's decisions, entry by entry. ``sampled`` is S (given)."""
+    """Eq. 12 with the decisions of docs/method.md#pml, entry by entry. ``sampled`` is S (given)."""
     B, C = len(logits), len(logits[0])
     P = sum(1 for i in range(B) for j in range(C) if known[i][j] and targets[i][j] == 1)
     observed_pos = P

@@ -123,7 +123,7 @@ def test_resume_on_another_world_size_trains_every_sample_once(shards8, tmp_path
 
 
 def _torchrun(argv: list[str], env_extra: dict) -> subprocess.CompletedProcess:
-    # README's command: without it the restarted group reads the failed attempt's addresses
+    # docs/distributed.md's command: without it the restarted group reads the failed attempt's addresses
     # from torchrun's shared store (pytorch#135712; measured here: "connection refused").
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **env_extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",

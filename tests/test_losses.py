@@ -323,7 +323,7 @@ def test_pml_total_weight_is_set_by_the_evidence_not_by_alpha_beta(num_classes, 
     """At logits 0 every entry's cross-entropy is log 2, so the loss is log 2 x its total
     weight. Default ("ab"): alpha/beta move no weight in or out, the total is that of the
     unknown-weighted entries (AN's under FAL/PAL, WAN's under PPL/SPL) whatever C; "weights":
-    log 2 always; unnormalised: alpha/beta shrink it (MEASUREMENTS.md's 983-label result)."""
+    log 2 always; unnormalised: alpha/beta shrink it (docs/decisions.md#held-out-data-983-labels)."""
     gen = torch.Generator().manual_seed(num_classes)
     B = 16
     targets = (torch.rand(B, num_classes, generator=gen) < 3 / num_classes + 0.02).float()

@@ -1,4 +1,4 @@
-"""A bounded node-local cache of remote shards (DESIGN.md section 9).
+"""A bounded node-local cache of remote shards (docs/design.md#remote-cache).
 
 Every process of a node shares ``data.cache_dir``. A file arrives once per node, however many
 ranks want it: a per-file lock (``flock``) is held while one process downloads, and the others

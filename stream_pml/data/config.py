@@ -12,7 +12,7 @@ DALI_SOURCES = ("auto", "reader", "external")
 @dataclass
 class DataConfig:
     # Directory holding manifest.json, or a URL (s3://, gs://, http(s)://, file://) whose
-    # shards are read through the node-local cache below (README "Remote shards").
+    # shards are read through the node-local cache below (docs/distributed.md#remote-shards).
     shards: str = "data/digits"
     # Node-local cache of remote shards (shared by the node's processes); empty = a
     # stream-pml folder in the user's cache directory.
@@ -51,7 +51,7 @@ class DataConfig:
     # run stops; each is reported with its shard and byte offset (torch backend; DALI stops
     # at the first).
     max_bad_samples: int = 10
-    # Label setting applied to the training split (METHOD.md): fal, pal, ppl, spl.
+    # Label setting applied to the training split (docs/method.md#label-settings): fal, pal, ppl, spl.
     label_setting: str = "fal"
     label_ratio: Optional[float] = None
     label_seed: Optional[int] = None

@@ -2,7 +2,7 @@
 
 On CUDA the JPEG decode is ``mixed`` (nvJPEG) and batches arrive on the GPU; without CUDA the
 same pipeline runs on the CPU (``device_id=None``). Label members are raw little-endian
-integers (DESIGN.md section 2) and are padded with -1 because DALI's iterator needs dense
+integers (docs/design.md#labels-in-shards) and are padded with -1 because DALI's iterator needs dense
 tensors.
 """
 

@@ -1,4 +1,4 @@
-"""Who trains which samples in an epoch (DESIGN.md sections 3, 4 and 8).
+"""Who trains which samples in an epoch (docs/design.md#rank-owned-pieces).
 
 The work of an epoch is a set of *pieces*: fixed ranges of ``piece_rows`` consecutive row ids,
 which are also the chunks of the pseudo-label store, so a rank that owns a piece is the only

@@ -1,4 +1,6 @@
-"""Each rank's train and eval streams over a built shard directory (DESIGN.md sections 3-4).
+"""Each rank's train and eval streams over a built shard directory.
+
+Design: docs/design.md#rank-owned-pieces, docs/design.md#exact-data-order.
 
 Training samples are dealt to ranks each epoch in pieces (:mod:`.deal`): a rank owns its
 pieces' store chunks for the epoch, and its data order is a pure function of (seed, epoch,

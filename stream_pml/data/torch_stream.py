@@ -1,4 +1,4 @@
-"""Torch-native loader backend for machines without CUDA (DESIGN.md section 7).
+"""Torch-native loader backend for machines without CUDA (docs/design.md#devices).
 
 Same contract as :class:`~stream_pml.data.dali.DaliShardStream`: iterating yields
 :class:`Batch` objects (uint8 CHW images, row ids, padded label ids), ``checkpoint()``

@@ -1,6 +1,6 @@
 """Why a cell is won or lost: training curves and AP by class frequency, fixed features.
 
-    python -m stream_pml.experiment.diagnose --data ../shared/data/features/bibtex/bibtex.npz \
+    python -m stream_pml.experiment.diagnose --data tests/data/features/bibtex/bibtex.npz \
         --methods pml an asl --settings pal0.6 spl --out docs/results/diagnosis/bibtex
 
 Writes ``curves.csv`` (per epoch: validation mAP, mean pseudo label, pml's batch-mean alpha,

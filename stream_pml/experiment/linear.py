@@ -13,9 +13,8 @@ from ..losses.pml import PAPER_OPTIONS
 from ..metrics import mean_average_precision, mean_average_precision_detail
 from .features import FeatureData
 
-# pml-paper: the paper's loss as METHOD.md pins it down (pml's defaults before issue 9);
-# the paper's ablation (Table VII) switches each of its parts off in turn; pml-printed is
-# the equation as printed.
+# Named forms of pml kept comparable across the project's history
+# (docs/decisions.md#experiment-variants): the paper's, its Table VII ablations, the printed one.
 VARIANTS = {
     "pml-paper": ("pml", dict(PAPER_OPTIONS)),
     "pml-paper-no_alpha_beta": ("pml", {**PAPER_OPTIONS, "alpha_beta": False}),

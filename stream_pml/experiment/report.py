@@ -9,7 +9,7 @@ import numpy as np
 
 from .linear import parse_setting
 
-# The research's ResNet-50 448 numbers (METHOD.md), shown only beside full COCO results.
+# The research's ResNet-50 448 numbers (docs/method.md#reference-numbers), shown only beside full COCO results.
 PAPER = {"coco": {"fal": 81.1, "pal0.3": 65.6, "pal0.6": 76.3, "pal0.9": 81.0, "ppl0.3": 73.1,
                   "ppl0.6": 80.1, "ppl0.9": 83.6, "spl": 72.0}}
 

@@ -33,7 +33,7 @@ class LossSpec:
     fn: Callable[..., torch.Tensor]
     defaults: dict
     uses_pseudo: bool = False
-    # Same loss from padded id lists (DESIGN.md section 6), where one exists.
+    # Same loss from padded id lists (docs/design.md#sparse-loss), where one exists.
     sparse_fn: Callable[..., torch.Tensor] | None = None
     # Needs the expected positives per image (from the manifest when not given).
     uses_prior: bool = False

@@ -1,4 +1,4 @@
-"""The paper's loss (eq. 12) with pseudo labels, as pinned down in shared/METHOD.md."""
+"""The paper's loss (eq. 12) with pseudo labels, with the readings of docs/method.md#pml."""
 
 from __future__ import annotations
 
@@ -34,83 +34,19 @@ def d_weight(epoch: int, num_epochs: int, m: float = 3.0, schedule: str = "text"
 class PmlOptions:
     """Hyper-parameters of :func:`pml_loss` (both forms take them as keywords).
 
-    The paper's parts (METHOD.md): ``gamma`` (floor of beta), ``m`` (of the d schedule),
-    ``q`` (share of unknown entries sampled per step), the ablation switches ``alpha_beta``,
-    ``d``, ``p``, the readings ``d_schedule`` ("text" ours, "printed") and ``ab_scope``
-    ("known": alpha/beta weight the known part only, the stabilised form of METHOD.md;
-    "all" = the printed eq. 11, alpha/beta over the unknown part too, which drives pseudo
-    labels to 1 under PAL when they are targets, s > 0), and ``beta_counts_pseudo``.
-    Options of ours for the unknown (pseudo-labelled) part:
+    The paper's parts: ``gamma`` (floor of beta), ``m`` (of the d schedule), ``q`` (share of
+    unknown entries sampled per step), the ablation switches ``alpha_beta``, ``d``, ``p``, and
+    the readings ``d_schedule`` ("text" ours, "printed") and ``ab_scope`` ("known": alpha/beta
+    weight the known part only; "all": the printed eq. 11). Ours, for the unknown part:
+    ``pseudo_scale`` (targets s * ytilde; "auto" = the observed positive share),
+    ``unknown_weight`` ("auto" = (1 - r) + r/(C - 1)), ``reject`` (LL-R scaled by 1 - r),
+    ``unknown_gamma_pos/neg`` and ``unknown_clip`` (ASL on the unknown part), ``reduction``
+    ("parts" the paper, "entries"), ``normalize`` ("ab": divide by alpha/beta's mean entry
+    weight; "weights"; "none") and ``beta_counts_pseudo``.
 
-    - ``pseudo_scale`` s: the unknown entries' target is s * ytilde. s = 1 is the paper;
-      s < 1 shrinks every pseudo label toward the negative that most unknowns are (an
-      unknown entry of a 600-class image is almost always a negative); s = 0 makes the
-      unknown part AN's "assume negative" on the sampled entries. "auto": s = the share of
-      positives among the batch's observed entries. Where negatives are observed (PAL, Open
-      Images' verified labels) entries went missing regardless of their value, so the
-      observed share estimates how often an unknown is positive (~0.015 on bibtex PAL: the
-      unknowns are near-negatives); where only positives were annotated (PPL, SPL) it is 1
-      and the pseudo labels, the only evidence on the unknowns, are used whole.
-    - ``unknown_gamma_pos``, ``unknown_gamma_neg``, ``unknown_clip``: ASL's asymmetric
-      focusing and probability clipping (Ridnik et al. 2021) on the unknown part:
-      t (1-s(x))^{g+} log s(x) + (1-t) s_m^{g-} log(1-s_m), s_m = max(s(x) - clip, 0).
-    - ``reject``: large-loss rejection (LL-R, Kim et al. 2022) on the unknown part: in
-      epoch e the ceil(reject (e - 1) (1 - r) |S|) sampled entries of the largest loss are
-      left out, r the share of positives among the batch's observed entries. LL-R's premise
-      is that a large loss on an entry assumed negative flags a hidden positive. That holds
-      where negatives are observed (r small: the unknowns are near-negatives, and a hidden
-      positive stands out); where only positives are (r = 1) nothing is rejected (measured
-      on bibtex validation, PPL 0.6 / SPL: rejecting there cost 1.9-2.3 points with the
-      pseudo labels as targets and 2.7-3.2 with the WAN-weighted negatives).
-    - ``unknown_weight`` w: every sampled unknown entry's two terms are multiplied by w.
-      "auto": w = (1 - r) + r / (C - 1), r the share of positives among the batch's observed
-      entries (the ``auto`` pseudo scale). Where negatives are observed (r small) the
-      unknowns went missing at random and weigh as much as a known entry (w ~ 1); where
-      only positives are (PPL, SPL: r = 1) nothing in the batch says how many unknowns are
-      hidden positives, and w is WAN's 1 / (C - 1) (Cole et al. 2021), so an image's whole
-      unknown part weighs about one known entry.
-    - ``normalize``: what the loss is divided by. "ab" (default): alpha/beta's mean entry
-      weight, alpha r' + beta (1 - r'), r' = P/T (entries counted by their weight, as in
-      beta), so alpha/beta rebalance positives against negatives without changing the
-      loss's total weight, as class-balanced losses normalise their weights (Cui et al.
-      2019). The unknown weight w keeps its effect on the total: it says how much evidence
-      an unknown entry is (WAN's 1/(C-1) under PPL/SPL). So the loss weighs as much as AN's
-      under FAL/PAL and as WAN's under PPL/SPL whatever C, and coupled L2 weight decay acts
-      against it as against the baseline of that setting. Unnormalised ("none", issue 9's
-      default), alpha/beta shrink the loss about 1/(2 r') times (15x on a 983-label set)
-      and the decay grows as much: measured there, pml 2-4.5 points behind AN at weight decay
-      1e-4 and ahead at 0 (MEASUREMENTS.md). "weights": the batch's total weight, the sum
-      over the entries entering the loss of the weight each gets (alpha or beta, w, d, the
-      reduction's 1/C or 1/|E_i|, 1/|S_i|; p left out, it stays a penalty): a weighted
-      *mean* of per-entry cross-entropies, BCE's scale in every setting, so under PPL/SPL
-      the decay acts (k + 1)/C times as strongly as on WAN (README "Results": measured, it
-      then loses most PPL/SPL cells to WAN at one fixed weight decay).
-    - ``reduction``: "parts" (the paper) averages the known part over E_i and the unknown
-      part over S_i separately, so an unknown entry weighs |E_i| / |S_i| times a known one:
-      under PAL hidden positives, scored as unknowns, then outweigh the observed positives
-      of their class (measured: mAP collapses with pseudo_scale 0). "entries" averages over
-      all C entries of the image, the sampled sum scaled by |U_i| / |S_i| (an unbiased
-      estimate of the sum over U_i): every entry weighs the same, as in AN.
-
-    Defaults (issue 9, chosen by validation mAP, never test; README "Results" gives the
-    rule and the numbers): ``pseudo_scale=0``, ``unknown_weight="auto"``, alpha/beta on
-    with ``ab_scope="all"``, ``reduction="entries"``, ``reject=0.002``, q = 1, d and p off.
-    So every unknown is an assumed negative, weighted 1 (with LL-R) where negatives are
-    observed and 1/(C-1) where only positives are, and alpha/beta balance the batch's
-    positive and negative mass (beta counts each entry by its weight). The pseudo labels
-    get no weight: on bibtex and corel16k validation, the pseudo labels at the ``auto``
-    scale tied under PAL (s ~ 0.015 makes them near-negatives anyway) and cost 4.3 / 3.6
-    points on bibtex PPL 0.6 / SPL. alpha/beta over all entries gained 4-6 points on bibtex
-    PAL; over the known part only they cost 15-17 points there; d and p were within 0.6.
-    Those numbers were measured unnormalised, where the weights also set how strongly
-    coupled weight decay acts. Issue 18 (on principle, not on these datasets' validation):
-    ``normalize="ab"``: alpha/beta no longer change the loss's total weight (see
-    ``normalize``; README "Results" has the three forms at one fixed weight decay and the
-    default at the weight decay validation picks per method). The trainer still
-    records every sample's last prediction in the pseudo-label store, so ``loss.params.pseudo_scale=auto`` (or any s > 0) and
-    :data:`PAPER_OPTIONS` work unchanged. :data:`PAPER_OPTIONS` is the paper's loss as
-    METHOD.md pins it down (``pml-paper`` in the experiment harness); add
-    ``ab_scope="all", d_schedule="printed"`` for the equation as printed (``pml-printed``).
+    Formulas: docs/method.md#pml. Why the defaults are what they are (chosen on validation,
+    issue 9; normalised, issue 18): docs/decisions.md#how-the-default-was-chosen.
+    :data:`PAPER_OPTIONS` is the paper's form (``pml-paper``).
     """
 
     epoch: int = 1
@@ -154,7 +90,8 @@ class PmlOptions:
             raise ValueError("unknown_gamma_pos and unknown_gamma_neg must be >= 0")
 
 
-# The paper's loss as METHOD.md pins it down, before issue 9 changed the defaults.
+# The paper's loss with our readings of its open points (docs/method.md#pml), pml's
+# defaults before issue 9 changed them.
 PAPER_OPTIONS = {"q": 0.5, "alpha_beta": True, "d": True, "p": True, "pseudo_scale": 1.0, "reject": 0.0,
                  "reduction": "parts", "unknown_weight": 1.0, "ab_scope": "known", "normalize": "none"}
 
@@ -170,7 +107,7 @@ def pml_loss(
     stats: dict | None = None,
     **options: object,
 ) -> torch.Tensor:
-    """Partial multi-label loss with pseudo labels (paper eq. 12; METHOD.md decisions).
+    """Partial multi-label loss with pseudo labels (paper eq. 12; docs/method.md#pml).
 
     Per image i, with E_i its known entries, S_i a uniform subset of ceil(q |U_i|) unknown
     entries, ytilde the (detached) pseudo labels::
@@ -178,7 +115,7 @@ def pml_loss(
         pos_i = (1/|E_i|) sum_E y log s(x)      + (d/|S_i|) sum_S ytilde log s(x)
         neg_i = (1/|E_i|) sum_E (1-y) log(1-s(x)) + (d/|S_i|) sum_S (1-ytilde) log(1-s(x))
         ab_scope="all"   (printed eq., our default):  L_i = -p_i (alpha pos_i + beta neg_i)
-        ab_scope="known" (METHOD.md's stabilised form): alpha/beta weight only the known
+        ab_scope="known" (the stabilised form):       alpha/beta weight only the known
                           part, the pseudo part is weighted by d alone
 
     beta = max(P/T, gamma), alpha = 1 - beta, with P = observed positives in the batch (plus
@@ -188,7 +125,7 @@ def pml_loss(
     Switches ``alpha_beta``, ``d``, ``p`` off set those factors to 1; ``q=1`` keeps all of U_i.
     ``options`` are the fields of :class:`PmlOptions`, which also lists our options for the
     unknown part. Reduction: mean over the images of the batch. Empty E_i or S_i contribute 0.
-    Source: the research text (shared/PAPER.txt) with METHOD.md's decisions.
+    Source: the research paper, with the readings of docs/method.md#pml.
     """
     opts = PmlOptions(**options)
     logp, logn = log_probs(logits_BC)
