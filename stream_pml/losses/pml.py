@@ -109,12 +109,14 @@ def pml_loss(
 ) -> torch.Tensor:
     """Partial multi-label loss with pseudo labels (paper eq. 12; docs/method.md#pml).
 
+    The paper's form (``reduction="parts"``, targets ytilde, w = 1); the general form the
+    options select, and the default it reduces to, are written out in docs/method.md#pml.
     Per image i, with E_i its known entries, S_i a uniform subset of ceil(q |U_i|) unknown
     entries, ytilde the (detached) pseudo labels::
 
         pos_i = (1/|E_i|) sum_E y log s(x)      + (d/|S_i|) sum_S ytilde log s(x)
         neg_i = (1/|E_i|) sum_E (1-y) log(1-s(x)) + (d/|S_i|) sum_S (1-ytilde) log(1-s(x))
-        ab_scope="all"   (printed eq., our default):  L_i = -p_i (alpha pos_i + beta neg_i)
+        ab_scope="all"   (printed eq., our default):   L_i = -p_i (alpha pos_i + beta neg_i)
         ab_scope="known" (the stabilised form):       alpha/beta weight only the known
                           part, the pseudo part is weighted by d alone
 
