@@ -89,7 +89,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _build_local(args: argparse.Namespace) -> int:
-    for name in ("images", "annotations", "labels", "classes", "root", "list", "image_list", "concepts"):
+    for name in ("images", "annotations", "labels", "classes", "root", "list", "image_list", "concepts", "hierarchy"):
         paths = getattr(args, name, None)
         for path in paths if isinstance(paths, list) else [paths]:
             if isinstance(path, Path) and not path.exists():

@@ -60,6 +60,9 @@ class SplitInfo:
     num_positives: int = 0
     num_negatives: int = 0
     keys_file: str = ""
+    # How the labels were made beyond the files themselves, e.g. {"hierarchy": {...}} when a
+    # class hierarchy expanded them (empty: the files' rows as they are).
+    labels: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +80,13 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_ids(self) -> list[str]:
+        """The source's own class identifiers (Open Images' MIDs) where the builder recorded
+        them, else the class names."""
+        ids = self.source.get("class_ids")
+        return list(ids) if ids and len(ids) == len(self.classes) else list(self.classes)
 
     def split(self, name: str, path: Path | str = "") -> SplitInfo:
         if name not in self.splits:

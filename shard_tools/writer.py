@@ -14,9 +14,10 @@ import json
 import multiprocessing as mp
 import os
 import tarfile
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -240,7 +241,7 @@ def _shard_task(args: tuple[Path, list[Record], int, list[str], EncodeOptions]) 
     return path.name, len(samples)
 
 
-def _plan_hash(records: list[Record], order: np.ndarray, shard_size: int, enc: EncodeOptions) -> str:
+def _plan_hash(records: Sequence[Record], order: np.ndarray, shard_size: int, enc: EncodeOptions) -> str:
     h = hashlib.sha256(f"{shard_size}|{enc.as_dict()}".encode())
     for i in order:
         rec = records[int(i)]
@@ -250,10 +251,16 @@ def _plan_hash(records: list[Record], order: np.ndarray, shard_size: int, enc: E
     return h.hexdigest()
 
 
-def _map(fn, tasks: list, workers: int, desc: str, unit: str, total_units: list[int] | None = None):
-    """Run ``fn`` over ``tasks`` in ``workers`` processes (inline for 1), with a progress bar
-    counting ``total_units`` (e.g. images per shard) so the rate reads in images/s."""
-    weights = total_units or [1] * len(tasks)
+def _map(fn, tasks: Iterable, workers: int, desc: str, unit: str, total_units: list[int] | None = None,
+         num_tasks: int | None = None):
+    """Run ``fn`` over ``tasks`` (any iterable: a generator keeps only the tasks in flight in
+    memory) in ``workers`` processes (inline for 1), with a progress bar counting
+    ``total_units`` (e.g. images per shard) so the rate reads in images/s."""
+    if total_units is not None:
+        num_tasks = len(total_units)
+    elif num_tasks is None:
+        num_tasks = len(tasks)
+    weights = total_units if total_units is not None else [1] * num_tasks
     bar = tqdm(total=sum(weights), desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
     try:
         if workers <= 1:
@@ -263,7 +270,7 @@ def _map(fn, tasks: list, workers: int, desc: str, unit: str, total_units: list[
             return
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            chunk = 1 if total_units else max(1, min(64, len(tasks) // (workers * 8)))
+            chunk = 1 if total_units is not None else max(1, min(64, num_tasks // (workers * 8)))
             for i, result in enumerate(pool.imap(fn, tasks, chunksize=chunk)):
                 yield result
                 bar.update(weights[i])
@@ -272,7 +279,7 @@ def _map(fn, tasks: list, workers: int, desc: str, unit: str, total_units: list[
 
 
 def write_split(
-    records: list[Record],
+    records: Sequence[Record],
     out_dir: Path,
     split: str,
     classes: list[str],
@@ -305,9 +312,9 @@ def write_split(
         state = {"plan": plan, "bad": None, "done": {}}
 
     if state["bad"] is None:
-        tasks = [(int(i), records[int(i)], enc) for i in order]
-        bad = [[i, *problem] for i, problem in _map(_check_task, tasks, workers, f"{split} check", "img")
-               if problem is not None]
+        tasks = ((int(i), records[int(i)], enc) for i in order)
+        bad = [[i, *problem] for i, problem in _map(_check_task, tasks, workers, f"{split} check", "img",
+                                                    num_tasks=len(order)) if problem is not None]
         state["bad"] = bad
         _save_state(state_path, state)
     bad_index = set()
@@ -317,8 +324,8 @@ def write_split(
         listed = f" (listed at {rec.source})" if rec.source else ""
         report.add(problem, rec.image_path or rec.key, detail + listed, "sample skipped")
         bad_index.add(i)
-    good = [records[int(i)] for i in order if int(i) not in bad_index]
-    if not good:
+    good = _Subset(records, np.asarray([i for i in order.tolist() if i not in bad_index], dtype=np.int64))
+    if not len(good):
         raise BadInput(f"split {split}: no sample could be written (see the report)")
 
     num_shards = -(-len(good) // shard_size)
@@ -327,9 +334,9 @@ def write_split(
             if not (names[s] in state["done"] and (out_dir / names[s]).is_file()
                     and (out_dir / names[s]).with_suffix(".idx").is_file()
                     and sha256_file(out_dir / names[s]) == state["done"][names[s]])]
-    tasks = [(out_dir / names[s], good[s * shard_size:(s + 1) * shard_size], s * shard_size, classes, enc)
-             for s in todo]
-    sizes = [len(t[1]) for t in tasks]
+    tasks = ((out_dir / names[s], good[s * shard_size:(s + 1) * shard_size], s * shard_size, classes, enc)
+             for s in todo)
+    sizes = [min(shard_size, len(good) - s * shard_size) for s in todo]
     for name, _ in _map(_shard_task, tasks, workers, f"{split} write", "img", sizes):
         state["done"][name] = sha256_file(out_dir / name)
         _save_state(state_path, state)
@@ -349,14 +356,10 @@ def write_split(
     (out_dir / keys_file).write_text("\n".join(rec.key for rec in good) + "\n")
     # The whole split's observed labels in CSR form, so label settings (PAL, SPL, ...) and
     # statistics need no pass over the images.
-    pos_lists = [sorted(rec.pos) for rec in good]
-    neg_lists = [sorted(rec.neg) for rec in good]
-    np.savez(out_dir / f"{split}.labels.npz", **_csr("pos", pos_lists), **_csr("neg", neg_lists))
-    # From the data, not the dataset's reputation: one image missing one class's value (no
-    # attribute line, a conflict, a malformed entry) makes the split partially labelled.
-    fully_labelled = all(len(rec.pos) + len(rec.neg) == len(classes) for rec in good)
+    pos_csr, neg_csr, fully_labelled = _label_csr(good, len(classes))
+    np.savez(out_dir / f"{split}.labels.npz", **pos_csr, **neg_csr)
     return SplitInfo(num_samples=len(good), shards=shards, fully_labelled=fully_labelled,
-                     num_positives=sum(map(len, pos_lists)), num_negatives=sum(map(len, neg_lists)),
+                     num_positives=int(pos_csr["pos_indptr"][-1]), num_negatives=int(neg_csr["neg_indptr"][-1]),
                      keys_file=keys_file)
 
 
@@ -366,11 +369,38 @@ def _save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def _csr(name: str, lists: list[list[int]]) -> dict[str, np.ndarray]:
-    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([len(x) for x in lists])
-    indices = np.fromiter((c for x in lists for c in x), dtype=np.int32, count=int(indptr[-1]))
-    return {f"{name}_indptr": indptr, f"{name}_indices": indices}
+class _Subset(Sequence):
+    """``records[index[i]]``, built on access (records may be a lazy sequence)."""
+
+    def __init__(self, records: Sequence[Record], index: np.ndarray):
+        self._records, self._index = records, index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._records[int(j)] for j in self._index[i]]
+        return self._records[int(self._index[i])]
+
+
+def _label_csr(records: Sequence[Record], num_classes: int) -> tuple[dict, dict, bool]:
+    """The split's observed labels in CSR form, in one pass; and whether every image has a
+    value for every class (from the data, not the dataset's reputation: one image missing
+    one class's value, a conflict or a malformed entry makes the split partially labelled)."""
+    parts: dict[str, tuple[array, array]] = {"pos": (array("q", [0]), array("i")),
+                                             "neg": (array("q", [0]), array("i"))}
+    fully = True
+    for rec in records:
+        for name, labels in (("pos", rec.pos), ("neg", rec.neg)):
+            indptr, indices = parts[name]
+            indices.extend(sorted(labels))
+            indptr.append(len(indices))
+        fully = fully and len(rec.pos) + len(rec.neg) == num_classes
+    out = [{f"{n}_indptr": np.frombuffer(indptr, dtype=np.int64).copy(),
+            f"{n}_indices": np.frombuffer(indices, dtype=np.int32).copy()}
+           for n, (indptr, indices) in parts.items()]
+    return out[0], out[1], fully
 
 
 @dataclass
@@ -379,8 +409,10 @@ class BuildSpec:
 
     dataset: str
     classes: list[str]
-    splits: dict[str, list[Record]]
+    splits: dict[str, Sequence[Record]]
     source: dict = field(default_factory=dict)
+    # Per split: recorded as that split's ``labels`` in the manifest.
+    split_labels: dict[str, dict] = field(default_factory=dict)
 
 
 def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
@@ -395,6 +427,7 @@ def build(spec: BuildSpec, out_dir: Path | str, shard_size: int, seed: int,
             split_seed = int(np.random.SeedSequence([seed, len(split), *split.encode()]).generate_state(1)[0])
             manifest.splits[split] = write_split(records, out_dir, split, spec.classes, shard_size,
                                                  split_seed, enc, report, workers, overwrite)
+            manifest.splits[split].labels = spec.split_labels.get(split, {})
     finally:
         report.save(out_dir / REPORT_NAME, list(spec.splits))
     manifest.save(out_dir)

@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=_threshold, default="0.5",
                    help="a number in [0, 1], or 'calibrated' (per class, from validation)")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    r.add_argument("--show", type=int, default=20, help="print the labels (class names) of the first N images")
     x = sub.add_parser("export", help="safetensors + JSON (classes, preprocessing) + a torch.export program (.pt2)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     x.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoint file")
@@ -137,8 +138,9 @@ def _run(args: argparse.Namespace) -> int:
             if not paths:
                 raise ValueError("no images given (files, --folder or --shards)")
             records, total = inference.predict_files(lm, paths, args.batch_size), len(paths)
-        n = inference.write_predictions(records, lm, args.out, args.threshold)
-        print(f"{n} of {total} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        n = inference.write_predictions(records, lm, args.out, args.threshold, echo=args.show)
+        more = f" (the first {args.show} shown above)" if total > args.show > 0 else ""
+        print(f"{n} of {total} images predicted in {time.perf_counter() - t0:.1f} s -> {args.out}{more}")
         if n == 0:  # nothing usable came out: not a success, whatever was written
             print(f"stream-pml predict: error: none of the {total} images could be read (each one's "
                   f"error is in {args.out})", file=sys.stderr)

@@ -10,16 +10,18 @@ import torch
 
 from .data.batch import Batch, dense_labels
 from .distributed import broadcast_from_main, gather_to_main
+from .class_table import ClassCounts
 from .metrics import mean_average_precision_detail, threshold_metrics
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], *, num_classes: int,
              device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
-             use_amp: bool, calibrate: bool = False) -> tuple[dict, list[float] | None]:
+             use_amp: bool, calibrate: bool = False, per_class: bool = False) -> tuple[dict, list[float] | None]:
     """(metrics of the whole split, per-class thresholds of best F1 when ``calibrate``).
 
     The thresholds are what ``predict --threshold calibrated`` uses (from the validation split).
+    With ``per_class`` the metrics hold ``per_class``: :class:`ClassCounts` as a dict.
     """
     was_training = model.training
     model.eval()
@@ -35,10 +37,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], *, num_classes: i
         known.append(k.cpu().numpy())
     model.train(was_training)
     parts = gather_to_main((rows, scores, targets, known))
-    return broadcast_from_main(_score(parts, calibrate) if parts is not None else None)
+    return broadcast_from_main(_score(parts, calibrate, per_class) if parts is not None else None)
 
 
-def _score(parts: list, calibrate: bool) -> tuple[dict, list[float] | None]:
+def _score(parts: list, calibrate: bool, per_class: bool) -> tuple[dict, list[float] | None]:
     rows_N, scores_NC, targets_NC, known_NC = (
         np.concatenate([a for p in parts for a in p[j]]) for j in range(4))
     # pad_last_batch may repeat a sample at a shard list's end; keep each row once.
@@ -50,6 +52,8 @@ def _score(parts: list, calibrate: bool) -> tuple[dict, list[float] | None]:
         from .inference import calibrate_thresholds
 
         thresholds = calibrate_thresholds(scores_NC, targets_NC, known_NC).tolist()
-    return ({"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
-             "skipped_classes": detail.num_skipped, **threshold_metrics(scores_NC, targets_NC, known_NC)},
-            thresholds)
+    result = {"map": detail.map, "chance_map": detail.chance_map, "num_eval": int(len(first)),
+              "skipped_classes": detail.num_skipped, **threshold_metrics(scores_NC, targets_NC, known_NC)}
+    if per_class:
+        result["per_class"] = ClassCounts.of(detail, targets_NC, known_NC).as_dict()
+    return result, thresholds

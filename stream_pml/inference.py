@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from .data.batch import IMAGENET_MEAN, IMAGENET_STD, Normalizer, dense_labels
+from .class_table import ClassCounts, table_tag, write_class_table
 from .metrics import mean_average_precision_detail, threshold_metrics
 
 
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    classes: list[str]
+    classes: list[str]  # names
     image_size: int
     arch: str
     thresholds: np.ndarray | None  # per class, calibrated on validation (best F1)
@@ -29,6 +30,8 @@ class LoadedModel:
     # scores, so evaluate reproduces the recorded mAP even where a barely trained model ties
     # many scores (another batch size changes the last float bits, and with them tie order).
     eval_batch_size: int = 64
+    class_ids: list[str] | None = None  # the source's ids (Open Images' MIDs), when not the names
+    options: dict | None = None  # the constructor's keyword arguments (model.options)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -56,14 +59,19 @@ def load_model(path: Path, device: torch.device | None = None) -> LoadedModel:
     if "classes" not in state or "config" not in state:
         raise ValueError(f"{source}: not a stream-pml model checkpoint (no classes/config)")
     cfg = state["config"]
-    model = build_model(ModelConfig(arch=cfg["model"]["arch"]), len(state["classes"]))
+    model = build_model(ModelConfig(arch=cfg["model"]["arch"], options=dict(cfg["model"].get("options") or {})),
+                        len(state["classes"]))
     # A training checkpoint of a run with train.ema_decay: the average is the run's model.
     model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
     model.eval().to(device or torch.device("cpu"))
     thresholds = state.get("thresholds")
+    ids = state.get("class_ids")
+    lm_options = dict(cfg["model"].get("options") or {})
     return LoadedModel(model, list(state["classes"]), int(cfg["data"]["image_size"]), cfg["model"]["arch"],
                        None if thresholds is None else np.asarray(thresholds), source,
-                       int(cfg["data"].get("eval_batch_size", 64)))
+                       int(cfg["data"].get("eval_batch_size", 64)),
+                       list(ids) if ids is not None and list(ids) != list(state["classes"]) else None,
+                       lm_options)
 
 
 @torch.no_grad()
@@ -118,59 +126,30 @@ def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, known: np.ndar
 
 
 def evaluation_name(shards: Path, split: str) -> str:
-    """``<dataset>-<manifest fingerprint>_<split>``: evaluations of other datasets' splits of
-    the same name do not overwrite each other."""
+    """The tag of a split's evaluation files (:func:`~stream_pml.class_table.table_tag`)."""
     from shard_tools.manifest import load_manifest
 
     manifest = load_manifest(shards)
-    return f"{manifest.dataset}-{manifest.fingerprint()[:8]}_{split}"
+    return table_tag(manifest.dataset, manifest.fingerprint(), split)
 
 
 def evaluate(lm: LoadedModel, shards: Path, split: str, out_dir: Path) -> dict:
-    """Writes ``evaluation_<name>.md/.json`` and ``per_class_ap_<name>.csv/.png`` in
-    ``out_dir``, ``<name>`` from :func:`evaluation_name`; unreadable samples are skipped and
-    listed in the result (``skipped``)."""
+    """Writes ``evaluation_<name>.md/.json`` and the per-class table
+    (:func:`~stream_pml.class_table.write_class_table`) in ``out_dir``, ``<name>`` from
+    :func:`evaluation_name`; unreadable samples are skipped and listed in the result."""
+    from shard_tools.manifest import load_manifest
+
     skipped: list[str] = []
     _, scores, targets, known = score_shards(lm, shards, split, lm.eval_batch_size, skipped)
-    tag = evaluation_name(shards, split)
+    manifest = load_manifest(shards)
+    tag = table_tag(manifest.dataset, manifest.fingerprint(), split)
     detail = mean_average_precision_detail(scores, targets, known)
     result = {"split": split, "map": detail.map, "num_images": len(scores), "skipped": skipped,
               "skipped_classes": detail.num_skipped, **threshold_metrics(scores, targets, known)}
-    freq = ((targets > 0.5) & known).sum(0)
-    order = np.argsort(-freq, kind="stable")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"per_class_ap_{tag}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "positives", "ap"])
-        for c in order:
-            w.writerow([lm.classes[c], int(freq[c]), "" if np.isnan(detail.per_class_ap[c]) else f"{detail.per_class_ap[c]:.4f}"])
-    lines = [f"# {split}: mAP {100 * detail.map:.2f} % on {len(scores)} images ({detail.num_skipped} classes "
-             "skipped: no positive or no negative)", "",
-             " | ".join(f"{k} {100 * v:.1f}" for k, v in result.items() if k in ("CP", "CR", "CF1", "OP", "OR", "OF1")),
-             "", "| class | positives | AP (%) |", "|---|---|---|"]
-    lines += [f"| {lm.classes[c]} | {freq[c]} | "
-              f"{'' if np.isnan(detail.per_class_ap[c]) else f'{100 * detail.per_class_ap[c]:.1f}'} |" for c in order]
-    (out_dir / f"evaluation_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_class_table(out_dir, tag, f"{split}: {lm.source}", ClassCounts.of(detail, targets, known),
+                      manifest.class_ids, lm.classes, {**result, "num_eval": len(scores)})
     (out_dir / f"evaluation_{tag}.json").write_text(json.dumps(result, indent=1))
-    _bar_chart(lm.classes, detail.per_class_ap, order, out_dir / f"per_class_ap_{tag}.png")
     return result
-
-
-def _bar_chart(classes, aps, order, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [c for c in order if not np.isnan(aps[c])][:60]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(shown)), 3.5), dpi=110)
-    ax.bar(range(len(shown)), [100 * aps[c] for c in shown])
-    ax.set_xticks(range(len(shown)), [classes[c] for c in shown], rotation=90, fontsize=6)
-    ax.set_ylabel("AP (%)")
-    ax.set_title("per-class AP, classes by frequency (most frequent first)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _image_files(images: Iterable[str], folder: Path | None) -> list[Path]:
@@ -226,38 +205,48 @@ def predict_shards(lm: LoadedModel, shards: Path, split: str, batch_size: int = 
     return [{"image": keys[int(r)], "scores": s} for r, s in zip(rows, scores)], info.num_samples
 
 
-def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, threshold: str) -> int:
-    """JSONL or CSV (by suffix) of labels above the threshold: a number, or ``calibrated``."""
+def write_predictions(records: Iterable[dict], lm: LoadedModel, out: Path, threshold: str,
+                      echo: int = 0) -> int:
+    """JSONL or CSV (by suffix) of labels above the threshold: a number, or ``calibrated``;
+    labels by name, and by the source's class id (``ids``) where the dataset has its own
+    (Open Images' MIDs). The first ``echo`` images are also printed, with class names."""
     if threshold == "calibrated":
         if lm.thresholds is None:
             raise ValueError(f"{lm.source}: no calibrated thresholds (train with a validation split)")
         thr = lm.thresholds
     else:
         thr = np.full(len(lm.classes), float(threshold))
-    n = 0
+    n = shown = 0
     with open(out, "w", newline="") as f:
         writer = csv.writer(f) if out.suffix == ".csv" else None
         if writer:
-            writer.writerow(["image", "labels", "scores", "error"])
+            writer.writerow(["image", "labels", "scores", "error"] + (["ids"] if lm.class_ids else []))
         for rec in records:
             if "error" in rec:
                 row = {"image": rec["image"], "labels": [], "scores": [], "error": rec["error"]}
+                idx = np.zeros(0, dtype=np.int64)
             else:
                 idx = np.nonzero(rec["scores"] >= thr)[0]
                 idx = idx[np.argsort(-rec["scores"][idx])]
                 row = {"image": rec["image"], "labels": [lm.classes[c] for c in idx],
                        "scores": [round(float(rec["scores"][c]), 4) for c in idx]}
                 n += 1
+            if lm.class_ids:
+                row["ids"] = [lm.class_ids[c] for c in idx]
             if writer:
                 writer.writerow([row["image"], "|".join(row["labels"]), "|".join(map(str, row["scores"])),
-                                 row.get("error", "")])
+                                 row.get("error", "")] + (["|".join(row["ids"])] if lm.class_ids else []))
             else:
                 f.write(json.dumps(row) + "\n")
+            if shown < echo:
+                shown += 1
+                text = ", ".join(f"{name} {score:.2f}" for name, score in zip(row["labels"], row["scores"]))
+                print(f"{row['image']}: {text or row.get('error') or 'no label above the threshold'}")
     return n
 
 
-# Run by export() in a fresh interpreter that imports torch and torchvision, not stream-pml:
-# what a user's serving code has. Prints the largest score difference of each format.
+# Run by export() in a fresh interpreter that imports torch and torchvision (or timm), not
+# stream-pml: what a user's serving code has. Prints the largest score difference of each format.
 _CHECK_EXPORT = """
 import json, sys, torch, torchvision
 from safetensors.torch import load_file
@@ -265,7 +254,12 @@ out = sys.argv[1]
 meta = json.load(open(out + "/model.json"))
 x, ref = torch.load(out + "/check.pt").values()
 program = torch.export.load(out + "/model.pt2").module()
-net = torchvision.models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"]).eval()
+if meta["arch"].startswith("timm:"):
+    import timm
+    net = timm.create_model(meta["arch"][5:], num_classes=meta["num_classes"], **meta["options"]).eval()
+else:
+    net = torchvision.models.get_model(meta["arch"], weights=None, num_classes=meta["num_classes"],
+                                       **meta["options"]).eval()
 net.load_state_dict(load_file(out + "/model.safetensors"))
 with torch.no_grad():
     print(json.dumps({"pt2": float((torch.sigmoid(program(x)) - ref).abs().max()),
@@ -274,7 +268,7 @@ with torch.no_grad():
 
 
 def export(lm: LoadedModel, out_dir: Path) -> dict:
-    """safetensors weights (torchvision's architecture, ``model.json`` names it) + a JSON of
+    """safetensors weights (torchvision's or timm's architecture, ``model.json`` names it) + a JSON of
     classes and preprocessing + a ``torch.export`` program (``model.pt2``, any batch size),
     each checked to score like this model in a fresh process that does not import stream-pml."""
     import subprocess
@@ -284,13 +278,16 @@ def export(lm: LoadedModel, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = lm.model.cpu().eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    meta = {"arch": lm.arch, "classes": lm.classes, "num_classes": len(lm.classes),
+    timm_arch = lm.arch.startswith("timm:")
+    net = (f"timm.create_model({lm.arch[5:]!r}, num_classes=num_classes, **options)" if timm_arch else
+           "torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)")
+    meta = {"arch": lm.arch, "options": lm.options or {}, "classes": lm.classes,
+            "class_ids": lm.class_ids or lm.classes, "num_classes": len(lm.classes),
             "input": {"size": [lm.image_size, lm.image_size], "resize": "squash, bilinear antialiased",
                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW RGB float32 in [0,1] then normalised"},
             "output": "logits; sigmoid gives per-class probabilities",
             "load": {"model.pt2": "torch.export.load(path).module()",
-                     "model.safetensors": "torchvision.models.get_model(arch, weights=None, num_classes=num_classes)"
-                                          ".load_state_dict(safetensors.torch.load_file(path))"},
+                     "model.safetensors": f"{net}.load_state_dict(safetensors.torch.load_file(path))"},
             "thresholds": None if lm.thresholds is None else [float(t) for t in lm.thresholds]}
     (out_dir / "model.json").write_text(json.dumps(meta, indent=1))
     sample = torch.randn(4, 3, lm.image_size, lm.image_size, generator=torch.Generator().manual_seed(0))

@@ -1,56 +1,131 @@
-"""Backbone (any torchvision classification model) + a linear multi-label head, placed on
-its device and wrapped for training."""
+"""Backbone (a torchvision classification model, or a timm model as ``timm:NAME``) with a
+linear multi-label head of one logit per class, placed on its device and wrapped for
+training. Weights come only from a local file (``model.pretrained``), never from a hub."""
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
+TIMM_PREFIX = "timm:"
+
+
+class WeightsError(ValueError):
+    """A ``model.pretrained`` file that cannot be read or does not fit the architecture."""
+
 
 @dataclass
 class ModelConfig:
+    # A torchvision classification model (resnet50, convnext_tiny, ...) or timm:NAME (a timm
+    # model, e.g. timm:tresnet_m, timm:convnext_tiny; needs the timm extra).
     arch: str = "resnet50"
-    # Local path to torchvision ImageNet weights (state dict); never downloaded.
+    # Local path to the backbone's weights, safetensors or a torch state dict (torchvision's
+    # ImageNet files, the model.safetensors of a timm model); never downloaded. The file's
+    # classifier is replaced by the multi-label head.
     pretrained: Optional[str] = None
     channels_last: bool = True  # used on CUDA only
+    # Keyword arguments of the model's constructor, e.g. {drop_path_rate: 0.1} or, for a
+    # timm ViT at 448 px with 224 px weights, {dynamic_img_size: true}.
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import torchvision
+        if self.arch.startswith(TIMM_PREFIX):
+            name = self.arch[len(TIMM_PREFIX):]
+            try:
+                import timm
+            except ImportError:
+                raise ValueError(f"model.arch: {self.arch} needs timm: pip install 'stream-pml[timm]'") from None
+            if not timm.is_model(name):
+                raise ValueError(f"model.arch: {name!r} is not a timm model (timm {timm.__version__}; "
+                                 f"timm.list_models() lists them)")
+        else:
+            import torchvision
 
-        if self.arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"model.arch: {self.arch!r} is not a torchvision classification model")
+            if self.arch not in torchvision.models.list_models(module=torchvision.models):
+                raise ValueError(f"model.arch: {self.arch!r} is not a torchvision classification model "
+                                 f"(or write timm:NAME for a timm model)")
         if self.pretrained is not None and not Path(self.pretrained).is_file():
             raise ValueError(f"model.pretrained: {self.pretrained} does not exist")
 
 
-def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+def _last_linear(model: nn.Module) -> str:
     last_name = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             last_name = name
     if last_name is None:
         raise ValueError(f"{type(model).__name__} has no linear classifier to replace")
+    return last_name
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    last_name = _last_linear(model)
     parent_name, _, attr = last_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
     setattr(parent, attr, nn.Linear(old.in_features, num_classes))
 
 
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors or torch file (also one wrapped as {"state_dict": ...}
+    or {"model": ...}, as training scripts save them)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: its own message, on one line
+        raise WeightsError(f"model.pretrained: {path} is not a readable safetensors or torch weights file "
+                           f"({str(exc).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"model.pretrained: {path} holds no state dict of tensors")
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: str, arch: str, head: str) -> None:
+    """Load every weight of ``model`` but its classifier ``head`` (a module name) from the
+    file; anything else missing, unexpected or of another shape is an error naming it."""
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith(head + ".")}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith(head + ".")]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        parts = [f"{len(wrong)} of another shape (first: {wrong[0]})" if wrong else "",
+                 f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (first: {unexpected[0]})" if unexpected else ""]
+        raise WeightsError(f"model.pretrained: {path} does not fit {arch}: "
+                           + ", ".join(p for p in parts if p) + " of its weights")
+    model.load_state_dict(state, strict=False)
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    if cfg.arch.startswith(TIMM_PREFIX):
+        import timm
+
+        model = timm.create_model(cfg.arch[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
+                                  **cfg.options)
+        classifier = model.pretrained_cfg.get("classifier") or _last_linear(model)
+        head = classifier if isinstance(classifier, str) else classifier[0]
+        if not isinstance(model.get_submodule(head), nn.Linear):
+            raise ValueError(f"model.arch: {cfg.arch} has no linear classifier at {head}")
+        if cfg.pretrained:
+            load_backbone_weights(model, cfg.pretrained, cfg.arch, head)
+        return model
     import torchvision
 
-    model = torchvision.models.get_model(cfg.arch, weights=None)
-    if cfg.pretrained:
-        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"model.pretrained: {cfg.pretrained} does not fit {cfg.arch}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = torchvision.models.get_model(cfg.arch, weights=None, **cfg.options)
+    if cfg.pretrained:  # the file's 1000-class head is left out: it is replaced anyway
+        load_backbone_weights(model, cfg.pretrained, cfg.arch, _last_linear(model))
     _replace_last_linear(model, num_classes)
     return model
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, to_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
                "meaning is in docs/training.md#configuration (and each run's config.yaml holds them all, resolved)")
     parser.add_argument("--config", help="YAML run file (only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults < run file < overrides), checked, and exit "
+                             "without training")
     args = parser.parse_args(argv)
     if args.config is None and not args.overrides:
         # The defaults alone are ResNet-50 at 448 px for 20 epochs: never by accident.
@@ -28,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
 
     from shard_tools.manifest import ManifestError
 
@@ -35,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.remote import RemoteError
 
     from .data.torch_stream import BadSamples
+    from .model import WeightsError
     from .pseudo_store import StoreError
     from .distributed import all_reduce_flags, setup, teardown
     from .run_dir import lock as lock_run_dir
@@ -57,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             trainer = Trainer(cfg, dist_info)
-        except (ManifestError, StoreError) as exc:
-            print(f"{'data' if isinstance(exc, ManifestError) else 'store'} error: {exc}", file=sys.stderr)
+        except (ManifestError, StoreError, WeightsError) as exc:
+            kind = "data" if isinstance(exc, ManifestError) else "store" if isinstance(exc, StoreError) else "model"
+            print(f"{kind} error: {exc}", file=sys.stderr)
             return 2
         try:
             resumed = trainer.maybe_resume()

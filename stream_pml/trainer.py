@@ -21,6 +21,7 @@ from shard_tools.remote import RemoteError
 
 from . import checkpoint as ckpt
 from . import components
+from .class_table import ClassCounts, table_tag, write_class_table
 from .coordinator import Coordinator
 from .data.batch import Batch, Normalizer, dense_labels
 from .data.loader import default_threads
@@ -52,6 +53,9 @@ class TrainConfig:
     compile: bool = False
     # Checkpoint every N steps as well as at each epoch end; 0 = epoch ends only.
     checkpoint_every: int = 0
+    # Checkpoint when this many minutes of wall time passed since the last one (rank 0's
+    # clock decides for all); 0 = off.
+    checkpoint_minutes: float = 0.0
     # Deterministic CUDA kernels (slower), so a resumed GPU run ends bitwise equal to an
     # uninterrupted one; CPU kernels already are.
     deterministic: bool = False
@@ -66,8 +70,9 @@ class TrainConfig:
             raise ValueError(f"train.device: {self.device!r} is not one of auto, cpu, cuda")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"train.resume: {self.resume!r} is not one of auto, never")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
+            raise ValueError(f"train.checkpoint_every and train.checkpoint_minutes must be >= 0, got "
+                             f"{self.checkpoint_every} and {self.checkpoint_minutes}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.keep_checkpoints < 1 or self.eval_every < 1 or self.log_every < 1:
@@ -124,6 +129,7 @@ class Trainer:
         self._resume_record: dict | None = None
         self._stream = None
         self._val_thresholds: list[float] | None = None
+        self._last_checkpoint_s = time.monotonic()
         self.coordinator = Coordinator(self.run_dir, dist_info, self.store, cfg.train.keep_checkpoints)
         self.identity = RunIdentity(self.config_dict, dist_info.world_size, self.loader.manifest.fingerprint(),
                                     self.loader.manifest.classes)
@@ -169,7 +175,13 @@ class Trainer:
         return self.plan.progress(self.epoch + 1, self.batch_in_epoch, self.cfg.train.epochs)
 
     def save_checkpoint(self) -> Path:
+        self._last_checkpoint_s = time.monotonic()
         return self.coordinator.save(self.epoch, self.step)
+
+    def _checkpoint_due(self) -> bool:
+        """Rank 0's clock, so that every rank agrees after the step's flag all-reduce."""
+        minutes = self.cfg.train.checkpoint_minutes
+        return bool(minutes) and self.dist.is_main and time.monotonic() - self._last_checkpoint_s >= 60 * minutes
 
     # -- loop ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -206,11 +218,11 @@ class Trainer:
             if step_log is not None:
                 step_log.close()
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, per_class: bool = False) -> dict:
         result, thresholds = evaluate(
             self.eval_model, self.loader.eval_batches(split), num_classes=self.num_classes,
             device=self.device, normalize=self.normalize, use_amp=self.use_amp,
-            calibrate=split == self.cfg.data.val_split)
+            calibrate=split == self.cfg.data.val_split, per_class=per_class)
         if thresholds is not None:
             self._val_thresholds = thresholds
         return result
@@ -226,7 +238,7 @@ class Trainer:
                 ckpt.save_best(self.run_dir, {
                     "model": self.eval_model.state_dict(), "epoch": epoch, "val_map": result["map"],
                     "config": self.config_dict, "classes": self.loader.manifest.classes,
-                    "thresholds": self._val_thresholds})
+                    "class_ids": self.loader.manifest.class_ids, "thresholds": self._val_thresholds})
             print(f"epoch {epoch}: val mAP {100 * result['map']:.2f}% (best {100 * best['map']:.2f}% "
                   f"at epoch {best['epoch']})", flush=True)
 
@@ -238,10 +250,17 @@ class Trainer:
             self.eval_model.load_state_dict(best["model"])
             selected = {"epoch": best["epoch"], "by": f"best {self.cfg.data.val_split} mAP",
                         "val_map": best["val_map"]}
-        test = self.evaluate(self.cfg.data.test_split) if self.cfg.data.test_split else {}
+        split = self.cfg.data.test_split
+        test = self.evaluate(split, per_class=True) if split else {}
+        per_class = test.pop("per_class", None)
         final = {"selected": selected, "test": test, "history": self.history}
         if self.dist.is_main:
             write_json(self.run_dir / "metrics.json", final)
+            if per_class is not None:  # the table stream-pml evaluate writes, beside the run
+                m = self.loader.manifest
+                write_class_table(self.run_dir / "evaluation", table_tag(m.dataset, m.fingerprint(), split),
+                                  f"{split}: model of epoch {selected['epoch']} ({selected['by']})",
+                                  ClassCounts.from_dict(per_class), m.class_ids, m.classes, test)
             if self.history:
                 plot_map_curve(self.run_dir / "metrics.csv", self.run_dir / "map_curve.png")
             if test and step_log is not None:
@@ -286,8 +305,10 @@ class Trainer:
                                    "data_wait_share": wait_s / elapsed})
                     bar.set_postfix(loss=f"{stats['loss']:.4f}")
                     wait_s, t_last, images_seen = 0.0, now, 0
-                stop, full = all_reduce_flags(signals.received, self.store.pending_bytes > limit)
-                if stop or full or (every and self.step % every == 0 and i + 1 < num_batches):
+                stop, full, due = all_reduce_flags(signals.received, self.store.pending_bytes > limit,
+                                                   self._checkpoint_due())
+                if stop or full or (due and i + 1 < num_batches) or (
+                        every and self.step % every == 0 and i + 1 < num_batches):
                     self.save_checkpoint()
                 if stop:
                     if self.dist.is_main:

@@ -35,10 +35,17 @@ def test_evaluate_matches_the_trainers_test_and_writes_reports(trained, digits_s
     recorded = json.loads((trained / "metrics.json").read_text())["test"]
     assert result["map"] == pytest.approx(recorded["map"], abs=1e-6)
     assert result["num_images"] == 40
-    rows = (out / f"per_class_ap_{tag}.csv").read_text().splitlines()[1:]
-    counts = [int(r.split(",")[1]) for r in rows]
-    assert counts == sorted(counts, reverse=True)
+    table = (out / f"per_class_ap_{tag}.csv").read_text()
+    header, *rows = table.splitlines()
+    assert header == "class_id,name,verified_positives,verified_negatives,ap"
+    assert [r.split(",")[1] for r in rows] == [f"digit_{d}" for d in range(10)]
+    # Every test image is labelled for every class (digits is fully labelled).
+    assert all(int(r.split(",")[2]) + int(r.split(",")[3]) == 40 for r in rows)
     assert (out / f"per_class_ap_{tag}.png").stat().st_size > 1000
+    # The trainer's final test wrote the same table into the run directory.
+    assert (trained / "evaluation" / f"per_class_ap_{tag}.csv").read_text() == table
+    md = (out / f"evaluation_{tag}.md").read_text()
+    assert f"mAP **{100 * result['map']:.2f} %** over the" in md
 
 
 def _images(digits_shards, folder, n=3):
