@@ -124,3 +124,9 @@ def test_a_timm_run_trains_and_resumes_bitwise(digits_shards, tmp_path, monkeypa
     assert [int(ckpt.PATTERN.match(p.name).groups()[-1]) for p in ckpt.list_checkpoints(run)] == [1]
     assert main(tiny_overrides(digits_shards, run, **run_cfg)) == 0
     _assert_same_run(reference, run)
+    # The trained timm model exports, and its files rebuild it in a process with timm only.
+    from stream_pml.cli import main as cli
+
+    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
+    meta = (tmp_path / "export" / "model.json").read_text()
+    assert '"arch": "timm:test_convnext"' in meta and "timm.create_model('test_convnext'" in meta

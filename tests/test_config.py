@@ -64,6 +64,26 @@ def test_shipped_run_files_load():
         load_config(str(path))
 
 
+def test_print_config_resolves_the_open_images_recipe_without_training(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from .conftest import REPO
+
+    run = tmp_path / "run"
+    recipe = str(REPO / "configs" / "openimages.yaml")
+    assert main(["--config", recipe, f"train.run_dir={run}", "optim.lr=4e-4", "--print-config"]) == 0
+    printed = OmegaConf.create(capsys.readouterr().out)
+    cfg = load_config(recipe, [f"train.run_dir={run}", "optim.lr=4e-4"])
+    assert OmegaConf.to_container(printed) == OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert printed.optim.lr == 4e-4 and printed.model.arch == "resnet50" and printed.data.image_size == 448
+    assert printed.train.checkpoint_minutes == 30 and printed.data.val_split == "validation"
+    assert not run.exists(), "nothing was started"
+    # A typo is still refused, before printing anything.
+    assert main(["--config", recipe, "train.checkpoint_minute=5", "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "train.checkpoint_minute" in captured.err
+
+
 def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default():
     """A checkpoint whose config lacks a key added since (train.ema_decay) trained as the
     default does; any other value for it is a change and refused."""

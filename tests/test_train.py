@@ -176,3 +176,25 @@ def test_a_second_run_in_the_same_directory_is_refused(digits_shards, tmp_path):
         holder.kill()
         holder.wait()
     assert main(tiny_overrides(digits_shards, run)) == 0  # the lock went with its holder
+
+
+def test_checkpoint_minutes_saves_by_wall_time(digits_shards, tmp_path, monkeypatch):
+    """With train.checkpoint_minutes=1 and a clock that moves 40 s per reading, a checkpoint
+    comes every other step or so, besides the epoch end; the steps are rank 0's clock's."""
+    import itertools
+
+    from stream_pml import checkpoint as ckpt
+    from stream_pml import trainer
+
+    ticks = itertools.count()
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: 40.0 * next(ticks))
+    run = tmp_path / "run"
+    assert main(tiny_overrides(digits_shards, run, **{"train.checkpoint_minutes": 1,
+                                                        "train.keep_checkpoints": 100})) == 0
+    steps = [int(ckpt.PATTERN.match(p.name).group(2)) for p in ckpt.list_checkpoints(run)]
+    num_steps = steps[-1]
+    assert num_steps >= 10 and len(steps) >= num_steps // 3, steps
+    # Off by default: only the epoch end.
+    plain = tmp_path / "plain"
+    assert main(tiny_overrides(digits_shards, plain)) == 0
+    assert len(ckpt.list_checkpoints(plain)) == 1
