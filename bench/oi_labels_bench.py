@@ -68,6 +68,19 @@ def generate(path: Path, num_images: int, seed: int = 0, chunk: int = 250_000) -
     return rows
 
 
+def make_files(root: Path, num_images: int) -> None:
+    """One empty ``<ImageID>.jpg`` per image of the CSV, in 256 folders: what the builder's
+    image scan and record stage see (no image is decoded here)."""
+    done = root / ".complete"
+    if done.exists():
+        return
+    for d in range(256):
+        (root / f"{d:02x}").mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        open(root / f"{i % 256:02x}" / f"{i:016x}.jpg", "wb").close()
+    done.write_text(str(num_images))
+
+
 def _peak_rss_bytes() -> int:
     """This process's peak RSS since exec (VmHWM; ``ru_maxrss`` would include the parent's
     size at fork, which Linux carries across exec)."""
@@ -78,7 +91,9 @@ def _peak_rss_bytes() -> int:
 
 
 def _stage(csv_path: str, mode: str, max_rows: int) -> dict:
-    """One label stage in this process (run by a fresh subprocess)."""
+    """One label stage in this process (run by a fresh subprocess); mode ``builder`` also
+    scans the image folder beside the CSV and builds the records and the split's label CSR
+    as ``shard-tools build`` does before its first shard."""
     from shard_tools.label_columns import read_hierarchy
     from shard_tools.openimages import read_labels
     from shard_tools.sources import LabelTable, read_class_list
@@ -99,9 +114,16 @@ def _stage(csv_path: str, mode: str, max_rows: int) -> dict:
                     dst.write(line)
         path = cut
         t0 = time.perf_counter()
-    if mode == "columnar":
+    if mode in ("columnar", "builder"):
         table = read_labels([path], mids, report, None, names)
         d = table.decide(read_hierarchy(OI / "bbox_labels_600_hierarchy.json", mids))
+        if mode == "builder":
+            from shard_tools.sources import scan_images
+            from shard_tools.writer import _label_csr
+
+            records = table.records(scan_images(path.parent / "images", report))
+            pos_csr, neg_csr, _ = _label_csr(records, len(mids))
+            assert int(pos_csr["pos_indptr"][-1]) == len(d.pos)
         num_images, num_rows = len(d.image_ids), table.num_rows
         table_bytes = sum(a.nbytes for a in (d.pos_indptr, d.pos, d.neg_indptr, d.neg, d.image_ids))
         labels = int(len(d.pos) + len(d.neg))
@@ -144,6 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=9_000_000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/oi-labels-bench"))
     ap.add_argument("--compare-rows", type=int, default=0)
+    ap.add_argument("--builder", action="store_true",
+                    help="also the builder's stages up to its first shard, over one empty file per image")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"labels-{args.images}.csv"
@@ -153,13 +177,19 @@ def main(argv=None) -> None:
         print(f"generated {csv_path}: {rows:,} rows, {csv_path.stat().st_size / 1e9:.2f} GB "
               f"in {time.perf_counter() - t0:.0f} s")
     results = [run_stage(csv_path, "columnar")]
+    if args.builder:
+        t0 = time.perf_counter()
+        make_files(args.out / "images", args.images)
+        print(f"image files in {time.perf_counter() - t0:.0f} s")
+        results.append(run_stage(csv_path, "builder"))
     if args.compare_rows:
         results += [run_stage(csv_path, "columnar", args.compare_rows),
                     run_stage(csv_path, "dict", args.compare_rows)]
     print("| table | rows | images | labels decided | s | peak RSS (imports) | label CSV | decided table |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        name = "columnar, hierarchy" if r["mode"] == "columnar" else "dict (LabelTable), no hierarchy"
+        name = {"columnar": "columnar, hierarchy", "builder": "columnar, hierarchy, + image scan, records, CSR",
+                "dict": "dict (LabelTable), no hierarchy"}[r["mode"]]
         print(f"| {name} | {r['rows']:,} | {r['images']:,} | {r['labels_after']:,} | {r['seconds']:.0f} | "
               f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['imports_rss_bytes'] / 1e9:.2f}) | "
               f"{r['csv_bytes'] / 1e9:.2f} GB | {r['table_bytes'] / 1e9:.2f} GB |")

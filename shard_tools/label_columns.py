@@ -19,6 +19,7 @@ rows enter the same rule, and repeat other rows silently.
 from __future__ import annotations
 
 import json
+import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .sources import ImageFiles
 from .writer import Record, Report
 
 _POSITIVE = 1
@@ -236,14 +238,13 @@ class ColumnarLabels:
                 out |= np.uint64(_DERIVED | want)
                 at += total
 
-    def records(self, images: dict[str, Path], report_unlabelled: bool = True,
+    def records(self, images: ImageFiles, report_unlabelled: bool = True,
                 missing: str = "label_without_image") -> "LazyRecords":
         """Records for every image found (in ``images``' order); label rows without an image
         and images without a label row are reported."""
         d = self.decide()
-        keys = list(images)
-        stems = np.array([k.encode() for k in keys], dtype=bytes) if keys else np.zeros(0, dtype="S1")
-        at = np.searchsorted(d.image_ids, stems) if len(d.image_ids) else np.zeros(len(keys), dtype=np.int64)
+        stems = images.stems
+        at = np.searchsorted(d.image_ids, stems) if len(d.image_ids) else np.zeros(len(stems), dtype=np.int64)
         found = at < len(d.image_ids)
         found[found] = d.image_ids[at[found]] == stems[found]
         index = np.where(found, at, -1)
@@ -252,9 +253,9 @@ class ColumnarLabels:
                             f"image {d.image_ids[k].decode()} not found", "labels ignored")
         if report_unlabelled:
             for i in np.flatnonzero(~found).tolist():
-                self.report.add("image_without_labels", str(images[keys[i]]), "no label row",
+                self.report.add("image_without_labels", images.path(i), "no label row",
                                 "kept with every class unknown")
-        return LazyRecords(d, index, [str(images[k]) for k in keys])
+        return LazyRecords(d, index, images)
 
     def where(self, row: int) -> str:
         return f"{self._files[self._flags[row] >> 1]}:{self._line[row]}"
@@ -368,22 +369,21 @@ class LazyRecords(Sequence):
     """The records of the images that have a file, built one at a time on access: a list of
     9M :class:`Record` objects would cost gigabytes before the first shard is written."""
 
-    def __init__(self, decided: _Decided, image_index: np.ndarray, paths: list[str]):
+    def __init__(self, decided: _Decided, image_index: np.ndarray, images: ImageFiles):
         self._d = decided
         self._index = image_index   # per record: index into decided.image_ids, or -1
-        self._paths = paths
-        self._keys = None
+        self._images = images
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._images)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         d, k = self._d, int(self._index[i])
-        path = self._paths[i]
+        path = self._images.path(i)
         if k < 0:
-            return Record(key=Path(path).stem, pos=[], neg=[], image_path=path)
+            return Record(key=os.fsdecode(self._images.stems[i]), pos=[], neg=[], image_path=path)
         return Record(key=d.image_ids[k].decode(), pos=d.pos[d.pos_indptr[k]:d.pos_indptr[k + 1]].tolist(),
                       neg=d.neg[d.neg_indptr[k]:d.neg_indptr[k + 1]].tolist(), image_path=path)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .label_columns import ColumnarLabels, read_hierarchy
 from .manifest import sha256_file
-from .sources import index_images, read_class_list
+from .sources import read_class_list, scan_images
 from .writer import BuildSpec, Report
 
 HEADER = ["ImageID", "Source", "LabelName", "Confidence"]
@@ -95,7 +95,7 @@ def build_spec(args: argparse.Namespace, report: Report) -> BuildSpec:
                        "its labels are not expanded")
     table = read_labels(args.labels, mids, report, args.machine_threshold, names)
     table.decide(hierarchy)
-    images = index_images(args.images, report)
+    images = scan_images(args.images, report)
     records = table.records(images)
     labels = {}
     if hierarchy is not None:

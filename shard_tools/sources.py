@@ -3,26 +3,86 @@
 from __future__ import annotations
 
 import csv
+import os
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .writer import Record, Report
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_IMAGE_EXTS_B = tuple(e.encode() for e in IMAGE_EXTS)
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Every image file under a folder as two byte-string arrays, in path order: its stem
+    (the image id) and its path relative to the folder. Open Images' 9M files would cost
+    gigabytes as a dict of Path objects; these cost the bytes of the names."""
+
+    root: Path
+    stems: np.ndarray
+    rel: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.rel[i]))
+
+
+def scan_images(root: Path, report: Report, recursive: bool = True) -> ImageFiles:
+    """The image files under ``root`` (by extension); a stem seen twice is reported and its
+    later files (in path order) ignored, since an id must name one image."""
+    stems: list[bytes] = []
+    rels: list[bytes] = []
+    chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    base = os.fsencode(root)
+
+    def flush() -> None:
+        if stems:
+            chunks.append((np.array(stems, dtype=bytes), np.array(rels, dtype=bytes)))
+            stems.clear()
+            rels.clear()
+
+    pending = [base]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if recursive and e.is_dir():
+                    pending.append(e.path)
+                elif os.path.splitext(e.name)[1].lower() in _IMAGE_EXTS_B and e.is_file():
+                    stems.append(os.path.splitext(e.name)[0])
+                    rels.append(e.path[len(base) + 1:])
+                    if len(stems) >= 1 << 20:
+                        flush()
+    flush()
+    if not chunks:
+        return ImageFiles(Path(root), np.zeros(0, dtype="S1"), np.zeros(0, dtype="S1"))
+    stem_N = np.concatenate([c[0] for c in chunks])
+    rel_N = np.concatenate([c[1] for c in chunks])
+    del chunks
+    # Path order, as sorted(Path.rglob) gives it: part by part, so the separator must sort
+    # before every character (\x01: numpy's byte strings end at \x00).
+    order = np.argsort(np.char.replace(rel_N, os.sep.encode(), b"\x01"), kind="stable")
+    stem_N, rel_N = stem_N[order], rel_N[order]
+    _, first = np.unique(stem_N, return_index=True)
+    keep = np.zeros(len(stem_N), dtype=bool)
+    keep[first] = True
+    if not keep.all():
+        first_of = dict(zip(stem_N[first].tolist(), rel_N[first].tolist()))
+        for i in np.flatnonzero(~keep).tolist():
+            report.add("duplicate_image_id", os.path.join(root, os.fsdecode(rel_N[i])),
+                       f"same id as {os.path.join(root, os.fsdecode(first_of[stem_N[i]]))}", "later file ignored")
+    return ImageFiles(Path(root), stem_N[keep], rel_N[keep])
 
 
 def index_images(root: Path, report: Report, recursive: bool = True) -> dict[str, Path]:
-    """File stem -> path for every image under ``root``; a stem seen twice is reported and
-    its later files ignored (an id must name one image)."""
-    found: dict[str, Path] = {}
-    paths = root.rglob("*") if recursive else root.iterdir()
-    for p in sorted(paths):
-        if p.suffix.lower() not in IMAGE_EXTS or not p.is_file():
-            continue
-        if p.stem in found:
-            report.add("duplicate_image_id", str(p), f"same id as {found[p.stem]}", "later file ignored")
-            continue
-        found[p.stem] = p
-    return found
+    """File stem -> path for every image under ``root`` (:func:`scan_images`)."""
+    files = scan_images(root, report, recursive)
+    return {os.fsdecode(stem): Path(files.path(i)) for i, stem in enumerate(files.stems.tolist())}
 
 
 def read_class_list(path: Path) -> tuple[list[str], list[str]]:

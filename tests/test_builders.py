@@ -14,7 +14,8 @@ from PIL import Image
 
 from shard_tools.cli import main as shard_main
 from shard_tools.manifest import load_manifest
-from shard_tools.sources import read_class_list
+from shard_tools.sources import index_images, read_class_list
+from shard_tools.writer import Report
 
 
 def _jpeg(path: Path, color=(200, 30, 30), size=(24, 20), fmt="JPEG", mode="RGB") -> Path:
@@ -320,3 +321,25 @@ def test_digits_builds_tiny_splits_beside_a_large_one(tmp_path):
                  "--num-test", "2", "--shard-size", "1000", "--image-size", "16", "--workers", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [manifest["splits"][s]["num_samples"] for s in ("train", "val", "test")] == [3000, 2, 2]
+
+
+def test_image_scan_keeps_path_order_and_reports_repeated_ids(tmp_path):
+    """The columnar scan (9M Open Images files in a few hundred MB) lists the images in the
+    order of sorted(Path.rglob), part by part, and keeps the first file of a repeated id."""
+    from shard_tools.sources import IMAGE_EXTS, scan_images
+
+    names = ["a/y.jpg", "a-b/x.jpg", "a/c/z.png", "a/b.jpg", "a.b/q.JPG", "top.jpg", "a/c.jpg", "n/top.jpg",
+             "z/readme.txt", "é/u.jpg", "a/c/d/e.webp", "a b/c.gif", "z/noext"]
+    for rel in names:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    expected, seen = [], set()
+    for p in sorted(tmp_path.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file() and p.stem not in seen:
+            seen.add(p.stem)
+            expected.append(str(p))
+    report = Report()
+    files = scan_images(tmp_path, report)
+    assert [files.path(i) for i in range(len(files))] == expected
+    assert report.counts() == {"duplicate_image_id": 2}  # top.jpg after n/top.jpg, a/c/ ... c.gif
+    assert index_images(tmp_path, Report()) == {Path(p).stem: Path(p) for p in expected}
