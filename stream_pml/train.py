@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'resume' if isinstance(exc, ResumeError) else 'store'} error: {exc}", file=sys.stderr)
             return 2
         if dist_info.is_main:
-            print(f"device {dist_info.device}, world size {dist_info.world_size}, run dir "
+            loader = trainer.loader
+            print(f"device {dist_info.device}, world size {dist_info.world_size}, loader {loader.backend} "
+                  f"({loader.backend_reason}), run dir "
                   f"{cfg.train.run_dir}" + (f", resumed from {resumed}" if resumed else ""), flush=True)
         try:
             final = trainer.train()

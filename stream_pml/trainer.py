@@ -191,6 +191,8 @@ class Trainer:
             start_run_dir(self.run_dir, self.config_yaml, {
                 "seed": self.cfg.train.seed, "world_size": self.dist.world_size,
                 "device": str(self.device), "amp": self.use_amp, "compute_threads": torch.get_num_threads(),
+                "loader": {"backend": self.loader.backend, "why": self.loader.backend_reason,
+                           "dali_source": self.cfg.data.dali_source},
                 "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
                 "decode_threads": default_threads(self.cfg.data),
                 "deterministic": self.cfg.train.deterministic,

@@ -14,7 +14,8 @@ from stream_pml.data.loader import ShardLoader
 
 
 # dali-external: DALI decoding samples read in Python (data.dali_source=external).
-BACKENDS = pytest.mark.parametrize("backend", ["dali", "torch", "dali-external"])
+# device: torchvision's decode_jpeg on the training device (here the CPU; nvJPEG on CUDA).
+BACKENDS = pytest.mark.parametrize("backend", ["dali", "torch", "dali-external", "device"])
 
 
 def _cfg(shards, backend="dali", **kw):
@@ -251,3 +252,82 @@ def test_an_epoch_that_leaves_samples_out_says_so(digits_shards, capsys):
            "4 batches each)" in capsys.readouterr().err
     ShardLoader(_cfg(digits_shards, "torch"), rank=0, world_size=2, seed=0).train_stream(1)
     assert capsys.readouterr().err == ""  # 6 pieces of 8 each: nothing left out
+
+
+def _garbled_copy(digits_shards, tmp_path):
+    """Shards whose 2nd shard's 6th image keeps its JPEG header but not its data: it passes
+    the header check made at read time and fails in every decoder (DALI's, nvJPEG's and
+    torchvision's, libjpeg-turbo's); its 7th keeps a header and zeroed data, which the CPU
+    decoder takes (grey) and torchvision's refuses."""
+    import shutil
+
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.torch_stream import check_header, decode_resize, read_index
+
+    copy = tmp_path / "shards"
+    shutil.copytree(digits_shards, copy)
+    tars, idxs = shard_paths(copy, load_manifest(copy).splits["train"])
+    spans = read_index(idxs[1])
+    with open(tars[1], "r+b") as f:
+        offset, size = (int(v) for v in spans[5, 0])
+        f.seek(offset + 200)
+        f.write(bytes((np.arange(size - 200) * 37 % 251).astype(np.uint8)))
+        f.seek(offset)
+        garbled = f.read(size)
+        zoff, zsize = (int(v) for v in spans[6, 0])
+        f.seek(zoff + zsize * 4 // 5)  # the tables stay, the end of the scan goes
+        f.write(b"\0" * (zsize - zsize * 4 // 5))
+    check_header(garbled)
+    with pytest.raises(Exception):
+        decode_resize(garbled, 32)
+    return tars, idxs, offset
+
+
+@pytest.mark.parametrize("backend", ["torch", "device", "dali-external"])
+def test_a_jpeg_with_a_good_header_and_bad_data_is_skipped_and_named(digits_shards, tmp_path, backend):
+    """The same policy on every backend that reads in Python: the sample nothing decodes is
+    skipped (its batch one smaller), named by shard and byte offset, and counted; the rest of
+    the epoch comes, in the torch backend's order. DALI rebuilds its pipeline past the batch."""
+    import warnings
+
+    from stream_pml.data.dali_external import DaliExternalStream
+    from stream_pml.data.device_decode import DeviceDecodeStream
+    from stream_pml.data.torch_stream import TorchShardStream
+
+    tars, idxs, offset = _garbled_copy(digits_shards, tmp_path)
+    cls = {"torch": TorchShardStream, "device": DeviceDecodeStream, "dali-external": DaliExternalStream}[backend]
+    kw = dict(image_size=32, batch_size=8, train=True, flip=True, seed=0, num_threads=1, num_workers=1,
+              shuffle_buffer=8)
+    stream = cls(tars, idxs, **kw)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        batches = list(stream)
+    rows = [b.rows_B.tolist() for b in batches]
+    assert sum(map(len, rows)) == 95 and 24 + 5 not in sum(rows, [])
+    assert len(stream.builder.bad) == 1 and f"sample at byte {offset}" in stream.builder.bad[0]
+    clean = TorchShardStream(tars, idxs, **kw)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        expected = [[r for r in b.rows_B.tolist() if r != 24 + 5] for b in clean]
+    assert rows == expected  # the same batches, the bad sample's one smaller
+
+
+def test_device_decoder_falls_back_to_the_cpu_and_stops_past_max_bad_samples(digits_shards, tmp_path):
+    from stream_pml.data.device_decode import DeviceDecodeStream
+    from stream_pml.data.torch_stream import BadSamples, TorchShardStream
+
+    tars, idxs, offset = _garbled_copy(digits_shards, tmp_path)
+    kw = dict(image_size=32, batch_size=8, train=False, flip=False, seed=0, num_threads=1, num_workers=1)
+    with pytest.raises(BadSamples, match=rf"sample at byte {offset} .*max_bad_samples=0"):
+        list(DeviceDecodeStream(tars, idxs, max_bad_samples=0, **kw))
+    # The zeroed-data sample (7th of the 2nd shard, row 30) is decoded by the CPU fallback,
+    # to the CPU backend's very pixels.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dev = {int(r): img for b in DeviceDecodeStream(tars, idxs, **kw) for r, img in zip(b.rows_B, b.images_BCHW)}
+        cpu = {int(r): img for b in TorchShardStream(tars, idxs, **kw) for r, img in zip(b.rows_B, b.images_BCHW)}
+    assert dev.keys() == cpu.keys() and 30 in dev and 29 not in dev
+    assert torch.equal(dev[30], cpu[30])
+    assert np.mean([(dev[r].float() - cpu[r].float()).abs().mean().item() for r in dev]) < 8

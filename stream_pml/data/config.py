@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 # auto: DALI when CUDA is present, else the torch-native backend, which measured faster on
 # CPU-only machines (BENCHMARKS.md); both are tested.
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "device", "torch")
 DALI_SOURCES = ("auto", "reader", "external")
 
 
@@ -32,11 +32,15 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 128
     flip: bool = True
+    # Who decodes: "dali" (DALI, on the GPU), "device" (torchvision's decode_jpeg on the
+    # training device: nvJPEG on CUDA, for GPUs without a matching DALI), "torch" (CPU
+    # threads), "auto": dali where it runs on this GPU, else device; torch without CUDA.
     backend: str = "auto"
-    # How DALI gets the samples: "reader" (its readers.webdataset opens the shard files),
-    # "external" (read in Python in the torch backend's order, decoded by DALI; shards are
-    # fetched into a remote cache as the order reaches them), "auto": reader for local
-    # shards, external for remote ones (the reader would need the whole epoch cached first).
+    # How DALI gets the samples: "reader" (its readers.webdataset opens the shard files;
+    # it stops at the first corrupt JPEG and waits for a remote epoch's every shard),
+    # "external" (read in Python in the torch backend's order, decoded by DALI; corrupt
+    # samples skipped and reported, remote shards streamed through the cache), "auto":
+    # external (as fast as the reader on local disk, BENCHMARKS.md).
     dali_source: str = "auto"
     # Decode threads (DALI and torch backends) per training process; 0 = the cores
     # divided by the local processes.

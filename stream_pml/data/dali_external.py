@@ -10,8 +10,12 @@ are the torch backend's (a pure function of the seed; ``checkpoint()`` is the nu
 batches handed out), so rows and labels are identical to it batch for batch; only the
 pixels differ, by the decoder and resize kernel (as between the two backends).
 
-A sample that cannot be read is skipped and counted as in the torch backend; one whose
-bytes DALI cannot decode stops the stream (as DALI's reader does), naming its batch.
+A sample that cannot be read is skipped and counted as in the torch backend. When DALI
+cannot decode a batch, its samples are decoded on the CPU one by one; those that fail there
+too are skipped and reported (shard, byte offset) like unreadable ones, and the pipeline is
+built again from that batch without them. Only a batch whose every sample decodes on the
+CPU and still fails in DALI stops the stream, naming the batch. (DALI's own reader stops at
+the first corrupt JPEG, hence ``data.dali_source=auto`` is this source.)
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from shard_tools.remote import RemoteError
 
 from .batch import Batch
-from .torch_stream import BadSamples, RawBatch, TorchShardStream, built_ahead
+from .torch_stream import BadSamples, RawBatch, TorchShardStream, built_ahead, decode_resize
 
 OUTPUTS = ["images", "rows", "pos", "neg"]
 
@@ -88,47 +92,85 @@ class DaliExternalStream:
         """The number of batches handed out so far: enough to continue exactly."""
         return str(self.handed_out)
 
-    def _raw_batches(self, pool: ThreadPoolExecutor) -> Iterator[tuple[list, ...]]:
-        ahead = built_ahead(pool, self.builder.raw, self.handed_out, self.order.stop, self._ahead)
+    def _raw_batches(self, pool: ThreadPoolExecutor, start: int, dropped: dict[int, list[int]]
+                     ) -> Iterator[tuple[list, ...]]:
+        ahead = built_ahead(pool, self.builder.raw, start, self.order.stop, self._ahead)
         try:
             for b, raw in ahead:
+                if b in dropped:
+                    raw = _without(raw, dropped[b])
                 if len(raw.rows):  # every sample unreadable: nothing for DALI, no batch
-                    self._fed.append(b)
+                    self._fed.append((b, raw))
                     yield _dali_inputs(raw)
         finally:
             ahead.close()
 
+    def _undecodable(self, b: int, raw: RawBatch, exc: Exception) -> list[int]:
+        """The samples of a batch DALI refused that the CPU cannot decode either, reported
+        and skipped; none found: the stream stops, naming the batch."""
+        bad = []
+        for k, jpeg in enumerate(raw.jpegs):
+            try:
+                decode_resize(jpeg.tobytes(), 8)
+            except Exception as cpu_exc:
+                bad.append(k)
+                self.builder._skip(*raw.where[k], cpu_exc)
+        if not bad:
+            raise DaliDecodeError(f"DALI could not decode batch {b} of this stream although each of its "
+                                  f"samples decodes on the CPU: {str(exc).strip().splitlines()[0]}") from None
+        return bad
+
     def __iter__(self) -> Iterator[Batch]:
-        if self.handed_out >= self.order.stop:
-            return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        pool = ThreadPoolExecutor(self._readers, thread_name_prefix="shard-read")
-        self._fed: deque = deque()  # batch numbers in the order DALI was fed them
-        try:
-            pipe = _build_pipeline(self._raw_batches(pool), device_id=device_id, **self._settings)
+        dropped: dict[int, list[int]] = {}  # batch -> its samples left out after a decode error
+        while self.handed_out < self.order.stop:
+            pool = ThreadPoolExecutor(self._readers, thread_name_prefix="shard-read")
+            self._fed: deque = deque()  # (batch number, what it was fed) in the order DALI was fed
+            failed = None
             try:
-                # size=-1: the source's end ends the iteration; batches may be partial.
-                iterator = DALIGenericIterator(pipe, OUTPUTS, size=-1, auto_reset=False)
-            except StopIteration:
-                self.handed_out = self.order.stop  # nothing readable was left
-                return
-            while True:
+                pipe = _build_pipeline(self._raw_batches(pool, self.handed_out, dropped), device_id=device_id,
+                                       **self._settings)
                 try:
-                    out = next(iterator)
+                    # size=-1: the source's end ends the iteration; batches may be partial.
+                    iterator = DALIGenericIterator(pipe, OUTPUTS, size=-1, auto_reset=False)
                 except StopIteration:
-                    break
-                except (BadSamples, RemoteError):
-                    raise  # from the reads: said as the torch backend says them
-                except RuntimeError as exc:
-                    b = self._fed[0] if self._fed else self.handed_out
-                    raise DaliDecodeError(f"DALI could not decode batch {b} of this stream: "
-                                          f"{str(exc).strip().splitlines()[0]}") from None
-                b = self._fed.popleft()
-                d = out[0]
-                self.handed_out = b + 1
-                yield Batch(d["images"], d["rows"].view(-1).long(), d["pos"], d["neg"])
-            self.handed_out = self.order.stop
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                    self.handed_out = self.order.stop  # nothing readable was left
+                    return
+                while True:
+                    try:
+                        out = next(iterator)
+                    except StopIteration:
+                        break
+                    except (BadSamples, RemoteError):
+                        raise  # from the reads: said as the torch backend says them
+                    except RuntimeError as exc:
+                        if not self._fed:
+                            raise DaliDecodeError(f"DALI failed at batch {self.handed_out} of this stream: "
+                                                  f"{str(exc).strip().splitlines()[0]}") from None
+                        failed = (self._fed[0], exc)
+                        break
+                    b, _ = self._fed.popleft()
+                    d = out[0]
+                    self.handed_out = b + 1
+                    yield Batch(d["images"], d["rows"].view(-1).long(), d["pos"], d["neg"])
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if failed is None:
+                self.handed_out = self.order.stop
+                return
+            (b, raw), exc = failed
+            bad = self._undecodable(b, raw, exc)
+            # Positions in the batch as read (a batch dropped from before keeps its gaps).
+            before = dropped.get(b, [])
+            original = [k for k in range(len(raw.rows) + len(before)) if k not in before]
+            dropped[b] = sorted(before + [original[k] for k in bad])
+            del pipe, iterator  # the next pass builds a new pipeline from batch b
+            self.handed_out = b
+
+
+def _without(raw: RawBatch, drop: list[int]) -> RawBatch:
+    keep = [k for k in range(len(raw.rows)) if k not in set(drop)]
+    return RawBatch([raw.jpegs[k] for k in keep], raw.flips[keep], raw.rows[keep], [raw.pos[k] for k in keep],
+                    [raw.neg[k] for k in keep], [raw.where[k] for k in keep])

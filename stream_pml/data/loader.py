@@ -24,16 +24,51 @@ from .cache import CachedShards, ShardCache, parse_size
 from .config import DataConfig
 from .dali import DaliShardStream
 from .dali_external import DaliExternalStream
+from .device_decode import DeviceDecodeStream
 from .deal import DealError, EpochDeal, by_shard, deal_epoch, default_piece_rows
 from .torch_stream import TorchShardStream
 
 
-def resolve_backend(cfg: DataConfig) -> str:
+def dali_unusable() -> str | None:
+    """Why DALI cannot decode on this process's GPU (not installed, or built for another
+    CUDA: a wheel for another major imports but fails to run), or None when a one-operator
+    GPU pipeline runs. Asked once per process."""
+    global _DALI_CHECK
+    if _DALI_CHECK is None:
+        try:
+            import torch
+            from nvidia.dali import fn, pipeline_def
+
+            @pipeline_def(batch_size=1, num_threads=1, device_id=torch.cuda.current_device())
+            def probe():
+                return fn.random.uniform(range=[0.0, 1.0], shape=[1]).gpu()
+
+            pipe = probe()
+            pipe.build()
+            pipe.run()
+            del pipe
+            _DALI_CHECK = ""
+        except Exception as exc:  # ImportError, a CUDA/driver mismatch, ...: all mean "not here"
+            _DALI_CHECK = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return _DALI_CHECK or None
+
+
+_DALI_CHECK: str | None = None
+
+
+def resolve_backend(cfg: DataConfig) -> tuple[str, str]:
+    """(backend, why): ``auto`` is DALI where it runs on the GPU, else torch's own GPU decode
+    (``device``), and the CPU loader (``torch``) without CUDA."""
     if cfg.backend != "auto":
-        return cfg.backend
+        return cfg.backend, "data.backend"
     import torch
 
-    return "dali" if torch.cuda.is_available() else "torch"
+    if not torch.cuda.is_available():
+        return "torch", "no CUDA"
+    reason = dali_unusable()
+    if reason is None:
+        return "dali", "DALI runs on this GPU"
+    return "device", f"DALI unusable here ({reason})"
 
 
 def stream_seed(seed: int, epoch: int, rank: int, generation: int = 0) -> int:
@@ -57,10 +92,12 @@ class ShardLoader:
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
-        self.backend = resolve_backend(cfg)
-        external = cfg.dali_source == "external" or (cfg.dali_source == "auto" and is_remote(cfg.shards))
-        self._stream_cls = (TorchShardStream if self.backend != "dali"
-                            else DaliExternalStream if external else DaliShardStream)
+        self.backend, self.backend_reason = resolve_backend(cfg)
+        # auto: fed from Python, which skips and reports corrupt samples and streams remote
+        # shards; DALI's reader stops at the first corrupt JPEG (dali_external.py).
+        external = cfg.dali_source in ("external", "auto")
+        self._stream_cls = {"torch": TorchShardStream, "device": DeviceDecodeStream,
+                            "dali": DaliExternalStream if external else DaliShardStream}[self.backend]
         self.cache: ShardCache | None = None
         if is_remote(cfg.shards):
             self.manifest = load_manifest(cfg.shards)

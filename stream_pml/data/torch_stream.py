@@ -194,7 +194,8 @@ class _BatchBuilder:
         p.tars.hint(order)
 
     def _samples(self, b: int, decode_into: torch.Tensor | None):
-        """Batch ``b``'s readable samples as (jpeg, row, pos, neg, flip), the k-th in slot k;
+        """Batch ``b``'s readable samples as (jpeg, row, pos, neg, flip, (shard, byte offset)),
+        the k-th in slot k;
         with ``decode_into``, each JPEG is decoded (and flipped) into its slot, and a sample
         whose bytes do not decode is skipped like one that cannot be read."""
         p = self.plan
@@ -221,7 +222,7 @@ class _BatchBuilder:
                 if flip and decode_into is not None:
                     decode_into[k] = decode_into[k].flip(-1)
                 yield (jpeg, np.frombuffer(members[0], "<i8")[0], np.frombuffer(members[1], "<i4"),
-                       np.frombuffer(members[2], "<i4"), flip)
+                       np.frombuffer(members[2], "<i4"), flip, (shard, int(spans[0][0])))
                 k += 1
         finally:
             for fd in fds.values():
@@ -240,7 +241,8 @@ class _BatchBuilder:
         labels of its readable samples, in order."""
         got = list(self._samples(b, None))
         return RawBatch([np.frombuffer(g[0], np.uint8) for g in got], np.array([g[4] for g in got], bool),
-                        np.array([g[1] for g in got], dtype=np.int64), [g[2] for g in got], [g[3] for g in got])
+                        np.array([g[1] for g in got], dtype=np.int64), [g[2] for g in got], [g[3] for g in got],
+                        [g[5] for g in got])
 
 
 @dataclass
@@ -250,6 +252,7 @@ class RawBatch:
     rows: np.ndarray
     pos: list[np.ndarray]
     neg: list[np.ndarray]
+    where: list[tuple[int, int]]  # per sample: shard index and byte offset, for a report
 
 
 def built_ahead(pool: ThreadPoolExecutor, build, start: int, stop: int, depth: int) -> Iterator[tuple[int, object]]:
