@@ -129,6 +129,7 @@ class ColumnarLabels:
         self.expanded = {"positive_rows": 0, "negative_rows": 0}
         self._image = np.zeros(0, dtype=np.uint32)  # per row: its image index, once decided
         self._decided: _Decided | None = None
+        self._hierarchy: Hierarchy | None = None
 
     def start_file(self, path: str) -> None:
         if len(self._files) >= 127:
@@ -167,7 +168,10 @@ class ColumnarLabels:
         Memory: besides the rows' own 11 bytes, one uint64 sort key per row (and per
         derived row) and a few bytes of temporaries; each column is freed once used."""
         if self._decided is not None:
+            if hierarchy is not None and hierarchy is not self._hierarchy:
+                raise RuntimeError("the labels were already decided with another hierarchy")
             return self._decided
+        self._hierarchy = hierarchy
         self._flush_runs()
         runs = np.concatenate(self._run_chunks) if self._run_chunks else np.zeros(0, dtype="S1")
         self._run_chunks = []

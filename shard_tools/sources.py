@@ -51,7 +51,8 @@ def scan_images(root: Path, report: Report, recursive: bool = True) -> ImageFile
         folder = pending.pop()
         with os.scandir(folder) as entries:
             for e in entries:
-                if recursive and e.is_dir():
+                # A linked folder is listed, not entered (as Path.rglob on 3.11): no loops.
+                if recursive and e.is_dir(follow_symlinks=False):
                     pending.append(e.path)
                 elif os.path.splitext(e.name)[1].lower() in _IMAGE_EXTS_B and e.is_file():
                     stems.append(os.path.splitext(e.name)[0])

@@ -90,14 +90,17 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(model: nn.Module, path: str, arch: str, head: str) -> None:
-    """Load every weight of ``model`` but its classifier ``head`` (a module name) from the
-    file; anything else missing, unexpected or of another shape is an error naming it."""
-    state = {k: v for k, v in read_weights(path).items() if not k.startswith(head + ".")}
+def load_backbone_weights(model: nn.Module, path: str, arch: str, heads: tuple[str, ...]) -> None:
+    """Load every weight of ``model`` but its classifiers ``heads`` (module names) from the
+    file; anything else missing, unexpected or of another shape is an error naming it.
+    BatchNorm's step counters (``num_batches_tracked``) may be absent, as in files saved
+    before torch 1.0: they only matter without a momentum."""
+    in_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
+    state = {k: v for k, v in read_weights(path).items() if not in_head(k)}
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
              for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not k.startswith(head + ".")]
+    missing = [k for k in own if k not in state and not in_head(k) and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if wrong or missing or unexpected:
         parts = [f"{len(wrong)} of another shape (first: {wrong[0]})" if wrong else "",
@@ -115,17 +118,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = timm.create_model(cfg.arch[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
                                   **cfg.options)
         classifier = model.pretrained_cfg.get("classifier") or _last_linear(model)
-        head = classifier if isinstance(classifier, str) else classifier[0]
-        if not isinstance(model.get_submodule(head), nn.Linear):
-            raise ValueError(f"model.arch: {cfg.arch} has no linear classifier at {head}")
+        # timm sized the classifier to num_classes (a linear layer, or a 1x1 convolution as
+        # in DLA); distilled ViTs (DeiT, LeViT) have two heads, averaged at inference.
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
         if cfg.pretrained:
-            load_backbone_weights(model, cfg.pretrained, cfg.arch, head)
+            load_backbone_weights(model, cfg.pretrained, cfg.arch, heads)
         return model
     import torchvision
 
     model = torchvision.models.get_model(cfg.arch, weights=None, **cfg.options)
     if cfg.pretrained:  # the file's 1000-class head is left out: it is replaced anyway
-        load_backbone_weights(model, cfg.pretrained, cfg.arch, _last_linear(model))
+        load_backbone_weights(model, cfg.pretrained, cfg.arch, (_last_linear(model),))
     _replace_last_linear(model, num_classes)
     return model
 

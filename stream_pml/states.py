@@ -26,7 +26,7 @@ from .checkpoint import ResumeError
 # and train.epochs (extending a run; the schedule follows the new total). The number of
 # processes may change too (elastic.py). Anything else is refused, naming the key.
 MAY_CHANGE_AT_RESUME = (
-    "train.epochs", "train.checkpoint_every", "train.eval_every", "train.log_every",
+    "train.epochs", "train.checkpoint_every", "train.checkpoint_minutes", "train.eval_every", "train.log_every",
     "train.keep_checkpoints", "train.resume", "train.run_dir", "data.shards", "data.num_threads",
     "data.prefetch_depth", "data.max_bad_samples", "pseudo.max_pending_mb", "pseudo.cache_chunks",
     "pseudo.accept_lost_chunks",

@@ -175,8 +175,9 @@ class Trainer:
         return self.plan.progress(self.epoch + 1, self.batch_in_epoch, self.cfg.train.epochs)
 
     def save_checkpoint(self) -> Path:
-        self._last_checkpoint_s = time.monotonic()
-        return self.coordinator.save(self.epoch, self.step)
+        path = self.coordinator.save(self.epoch, self.step)
+        self._last_checkpoint_s = time.monotonic()  # the interval runs between saves, not starts
+        return path
 
     def _checkpoint_due(self) -> bool:
         """Rank 0's clock, so that every rank agrees after the step's flag all-reduce."""

@@ -130,3 +130,23 @@ def test_a_timm_run_trains_and_resumes_bitwise(digits_shards, tmp_path, monkeypa
     assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
     meta = (tmp_path / "export" / "model.json").read_text()
     assert '"arch": "timm:test_convnext"' in meta and "timm.create_model('test_convnext'" in meta
+
+
+def test_two_headed_and_convolution_headed_timm_models_load_their_backbone(tmp_path):
+    """A distilled ViT's two classifiers are both replaced; DLA's classifier is a 1x1
+    convolution; a file without BatchNorm's step counters (saved before torch 1.0) loads."""
+    from safetensors.torch import save_file
+
+    for name in ("deit_tiny_distilled_patch16_224", "dla34"):
+        net = timm.create_model(name, pretrained=False)
+        state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        model = build_model(ModelConfig(arch=f"timm:{name}", pretrained=str(path)), num_classes=7).eval()
+        own = model.state_dict()
+        heads = net.pretrained_cfg["classifier"]
+        heads = (heads,) if isinstance(heads, str) else heads
+        kept = [k for k in state if not any(k.startswith(h + ".") for h in heads)]
+        assert kept and all(torch.equal(own[k], state[k]) for k in kept)
+        size = 224 if "deit" in name else 64
+        assert model(torch.zeros(1, 3, size, size)).shape == (1, 7)

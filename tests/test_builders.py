@@ -343,3 +343,14 @@ def test_image_scan_keeps_path_order_and_reports_repeated_ids(tmp_path):
     assert [files.path(i) for i in range(len(files))] == expected
     assert report.counts() == {"duplicate_image_id": 2}  # top.jpg after n/top.jpg, a/c/ ... c.gif
     assert index_images(tmp_path, Report()) == {Path(p).stem: Path(p) for p in expected}
+
+
+def test_image_scan_lists_a_linked_folder_without_entering_it(tmp_path):
+    """As Path.rglob on Python 3.11: a symlink loop neither hangs nor fails the build."""
+    from shard_tools.sources import scan_images
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    files = scan_images(tmp_path, Report())
+    assert [files.path(i) for i in range(len(files))] == [str(tmp_path / "a" / "x.jpg")]
