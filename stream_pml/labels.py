@@ -167,5 +167,5 @@ def _padded_ids(mask_BC: torch.Tensor) -> torch.Tensor:
     width = max(int(counts.max()) if len(counts) else 0, 0)
     # Stable sort puts the True columns first in ascending class order.
     order = torch.sort((~mask_BC).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width)[None, :] < counts[:, None]
+    valid = torch.arange(width, device=mask_BC.device)[None, :] < counts[:, None]
     return torch.where(valid, order, torch.full_like(order, -1)).to(torch.int32)
