@@ -1,5 +1,6 @@
 """GPU checks (``pytest -m gpu``; skipped without CUDA): an NCCL process group that rejects
-CPU tensors, real training steps through DALI ``mixed`` decoding, bf16 autocast and
+CPU tensors, real training steps through DALI ``mixed`` decoding and torch's own GPU decode
+(``data.backend=device``), bf16 autocast and
 channels_last, and a run killed mid-epoch and resumed that ends bitwise equal to an
 uninterrupted one under ``train.deterministic``.
 
@@ -109,6 +110,26 @@ def test_dali_fed_externally_decodes_on_the_gpu_with_the_torch_backends_rows(dig
         assert (a.images_BCHW.cpu().float() - b.images_BCHW.float()).abs().mean() < 12
 
 
+def test_torch_cuda_decode_gives_the_torch_backends_batches_on_the_gpu(digits_shards):
+    """data.backend=device: nvJPEG through torchvision, resized and flipped on the GPU; the
+    torch backend's rows, labels and flips, close pixels; the batch ready on the consumer's
+    stream (read here without a synchronize)."""
+    from shard_tools.manifest import load_manifest, shard_paths
+    from stream_pml.data.device_decode import DeviceDecodeStream
+    from stream_pml.data.torch_stream import TorchShardStream
+
+    tars, idxs = shard_paths(digits_shards, load_manifest(digits_shards).splits["train"])
+    kw = dict(image_size=64, batch_size=8, train=True, flip=True, seed=0, shuffle_buffer=8)
+    dev = list(DeviceDecodeStream(tars, idxs, num_threads=2, **kw))
+    ref = list(TorchShardStream(tars, idxs, num_workers=1, **kw))
+    assert len(dev) == len(ref)
+    for a, b in zip(dev, ref):
+        assert a.images_BCHW.device.type == a.rows_B.device.type == "cuda" and a.images_BCHW.dtype == torch.uint8
+        assert torch.equal(a.rows_B.cpu(), b.rows_B) and torch.equal(a.pos_BP.cpu(), b.pos_BP)
+        assert (a.images_BCHW.float().mean() - b.images_BCHW.float().mean()).abs() < 12
+        assert (a.images_BCHW.cpu().float() - b.images_BCHW.float()).abs().mean() < 12
+
+
 def _argv(shards: Path, run: Path, backend: str) -> list[str]:
     return tiny_overrides(shards, run, **{
         "data.backend": backend, "data.image_size": 64, "model.arch": "resnet18",
@@ -118,7 +139,7 @@ def _argv(shards: Path, run: Path, backend: str) -> list[str]:
         **{f"loss.params.{k}": v for k, v in PAPER_OPTIONS.items()}})
 
 
-@pytest.mark.parametrize("backend", [pytest.param("dali", marks=NEEDS_DALI), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=NEEDS_DALI), "torch", "device"])
 def test_killed_gpu_run_resumes_bitwise_equal_on_an_nccl_group(digits_shards, tmp_path, backend):
     import zarr
 
