@@ -28,7 +28,7 @@ from .torch_stream import RawBatch, TorchShardStream, _pad, built_ahead, decode_
 
 _DONE = object()
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; until TorchCodec's
-# is what this path uses, the warning would repeat on every run (docs/decisions.md).
+# is what this path uses, the warning would repeat on every run (docs/decisions.md#gpu-decode-without-dali).
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
