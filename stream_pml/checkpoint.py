@@ -145,9 +145,16 @@ def set_aside(path: Path) -> Path:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves."""
+    """Keep the newest ``keep`` checkpoints and the ``keep`` most recently set-aside ones
+    (a run that resumes many times would otherwise fill its disk with them); remove
+    leftovers of interrupted saves."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        aside = sorted((p for p in root.iterdir() if p.is_dir() and ".abandoned" in p.name),
+                       key=lambda p: (p.stat().st_mtime_ns, p.name))
+        for old in aside[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob("*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)

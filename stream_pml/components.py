@@ -51,6 +51,7 @@ def build_estimator(cfg: "Config", loader: ShardLoader, labels: PartialLabels | 
                     device: torch.device) -> "LabelEstimator":
     from .losses.role_estimator import LabelEstimator
 
+    LabelEstimator.check_size(loader.train_split.num_samples, loader.num_classes)  # before the dense copy
     observed = labels.dense() if labels is not None else read_split_labels(
         loader.local_files(cfg.data.train_split), cfg.data.train_split, loader.num_classes)
     return LabelEstimator(observed, seed=cfg.train.seed).to(device)

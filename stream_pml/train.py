@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from shard_tools.remote import RemoteError
 
     from .data.torch_stream import BadSamples
+    from .losses.role_estimator import EstimatorTooLarge
     from .model import WeightsError
     from .pseudo_store import StoreError
     from .distributed import all_reduce_flags, setup, teardown
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             trainer = Trainer(cfg, dist_info)
-        except (ManifestError, StoreError, WeightsError) as exc:
-            kind = "data" if isinstance(exc, ManifestError) else "store" if isinstance(exc, StoreError) else "model"
+        except (ManifestError, StoreError, WeightsError, EstimatorTooLarge) as exc:
+            kind = ("data" if isinstance(exc, ManifestError) else "store" if isinstance(exc, StoreError)
+                    else "loss" if isinstance(exc, EstimatorTooLarge) else "model")
             print(f"{kind} error: {exc}", file=sys.stderr)
             return 2
         try:

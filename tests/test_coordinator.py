@@ -306,3 +306,24 @@ def test_writes_are_refused_outside_the_chunks_handed_over(make):
     with pytest.raises(StoreError, match="chunk 0"):
         store.write(torch.tensor([5]), torch.ones(1, 6))
     store.write(torch.tensor([15]), torch.ones(1, 6))
+
+
+def test_prune_keeps_the_newest_set_aside_checkpoints_too(tmp_path):
+    """A run resumed many times sets aside a checkpoint each time: only the keep newest of
+    them stay, beside the keep newest checkpoints; a save's leftover goes."""
+    import os
+
+    from stream_pml import checkpoint as ckpt
+
+    root = ckpt.checkpoints_dir(tmp_path)
+    root.mkdir(parents=True)
+    for step in range(1, 6):
+        (root / f"ckpt-e0001-s{step:09d}").mkdir()
+        aside = root / f"ckpt-e0001-s{step + 10:09d}.abandoned"
+        aside.mkdir()
+        os.utime(aside, ns=(step * 10**9, step * 10**9))
+    (root / "ckpt-e0001-s000000099.tmp").mkdir()
+    ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "ckpt-e0001-s000000004", "ckpt-e0001-s000000005",
+        "ckpt-e0001-s000000014.abandoned", "ckpt-e0001-s000000015.abandoned"]

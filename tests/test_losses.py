@@ -351,3 +351,16 @@ def test_pml_total_weight_is_set_by_the_evidence_not_by_alpha_beta(num_classes, 
     assert loss() == pytest.approx(loss(alpha_beta=False), rel=1e-5)
     assert loss(normalize="weights") == pytest.approx(math.log(2), rel=1e-5)
     assert loss(normalize="none") <= 0.5 * loss() * (1 + 1e-5)  # SPL: alpha = beta = 1/2
+
+
+def test_role_at_a_size_that_does_not_fit_is_refused_at_start_in_one_line(digits_shards, tmp_path, capsys,
+                                                                         monkeypatch):
+    from stream_pml.losses import role_estimator
+    from stream_pml.train import main
+
+    from .conftest import tiny_overrides
+
+    monkeypatch.setattr(role_estimator, "DEFAULT_MAX_BYTES", 1000)  # the digits split: 96 x 10 x 12 bytes
+    assert main(tiny_overrides(digits_shards, tmp_path / "run", **{"loss.name": "role"})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loss error: loss.name=role keeps a 96 x 10") and "pml" in err[0]

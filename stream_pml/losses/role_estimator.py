@@ -19,6 +19,10 @@ from .. import distributed
 DEFAULT_MAX_BYTES = 4 * 2**30
 
 
+class EstimatorTooLarge(MemoryError):
+    """ROLE's estimator would not fit: said before anything is allocated, in one line."""
+
+
 class LabelEstimator(nn.Module):
     """Logits of estimated labels for every (row, class) of the training split.
 
@@ -26,15 +30,23 @@ class LabelEstimator(nn.Module):
     observed negatives at logit(0.005), unknown entries at logit(u), u ~ U(0.4, 0.6) seeded.
     """
 
-    def __init__(self, partial_NC: np.ndarray, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES):
-        super().__init__()
-        num_rows, num_classes = partial_NC.shape
+    @staticmethod
+    def check_size(num_rows: int, num_classes: int, max_bytes: int | None = None) -> None:
+        """Refuse, before anything is allocated, an estimator that does not fit: it is
+        replicated on every rank (its Adam moves every row, so rows cannot be rank-owned)."""
+        max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         need = num_rows * num_classes * 4 * 3  # weights + Adam's two moments
         if need > max_bytes:
-            raise MemoryError(
-                f"ROLE keeps a {num_rows} x {num_classes} estimator with Adam state in memory "
-                f"({need / 2**30:.1f} GiB > the {max_bytes / 2**30:.1f} GiB limit); use another "
-                "loss for a split this large, or raise the limit knowingly")
+            raise EstimatorTooLarge(
+                f"loss.name=role keeps a {num_rows} x {num_classes} label estimator with Adam state on "
+                f"every rank ({need / 2**30:.1f} GiB > the {max_bytes / 2**30:.1f} GiB limit); for a split "
+                "this large use a loss without one (pml, the default, keeps its pseudo labels in a "
+                "rank-owned store; or ll_r, an, wan)")
+
+    def __init__(self, partial_NC: np.ndarray, seed: int = 0, max_bytes: int | None = None):
+        super().__init__()
+        num_rows, num_classes = partial_NC.shape
+        self.check_size(num_rows, num_classes, max_bytes)
         rng = np.random.default_rng(seed)
         init = rng.uniform(0.4, 0.6, size=partial_NC.shape)
         init[partial_NC == 1] = 0.995
