@@ -252,7 +252,10 @@ class ColumnarLabels:
         found = at < len(d.image_ids)
         found[found] = d.image_ids[at[found]] == stems[found]
         index = np.where(found, at, -1)
-        for k in np.flatnonzero(~np.isin(d.image_ids, stems)).tolist():
+        # Image ids with a file: the ones the search hit (stems are unique), no second search.
+        has_file = np.zeros(len(d.image_ids), dtype=bool)
+        has_file[at[found]] = True
+        for k in np.flatnonzero(~has_file).tolist():
             self.report.add(missing, self.where(int(d.first_row[k])),
                             f"image {d.image_ids[k].decode()} not found", "labels ignored")
         if report_unlabelled:

@@ -30,7 +30,7 @@ import torch
 from shard_tools.remote import RemoteError
 
 from .batch import Batch
-from .torch_stream import BadSamples, RawBatch, TorchShardStream, built_ahead, decode_resize
+from .torch_stream import BadSamples, RawBatch, ReadInOrder, built_ahead, decode_resize
 
 OUTPUTS = ["images", "rows", "pos", "neg"]
 
@@ -67,30 +67,20 @@ def _dali_inputs(raw: RawBatch) -> tuple[list, ...]:
             [np.ascontiguousarray(x) for x in raw.neg])
 
 
-class DaliExternalStream:
+class DaliExternalStream(ReadInOrder):
     """Same constructor and contract as :class:`TorchShardStream` (``tars`` may be a cache's
     :class:`~stream_pml.data.cache.CachedShards`); batches come from DALI."""
 
-    def __init__(self, tars, idxs: list[str], *, image_size: int, batch_size: int, train: bool,
-                 flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
-                 prefetch_depth: int = 2, max_bad_samples: int = 10, max_batches: int | None = None,
-                 checkpoint: str | None = None, samples: list[np.ndarray] | None = None, **_: object):
-        self.order = TorchShardStream(tars, idxs, image_size=image_size, batch_size=batch_size, train=train,
-                                      flip=flip, seed=seed, num_workers=num_threads, prefetch_depth=prefetch_depth,
-                                      shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples,
-                                      max_batches=max_batches, checkpoint=checkpoint, samples=samples)
-        self.builder = self.order.builder  # .bad lists the skipped samples, as the torch backend's
-        self.handed_out = self.order.start
+    def __init__(self, tars, idxs: list[str], *, image_size: int, batch_size: int, seed: int,
+                 num_threads: int, prefetch_depth: int = 2, **order: object):
+        super().__init__(tars, idxs, image_size=image_size, batch_size=batch_size, seed=seed,
+                         num_threads=num_threads, prefetch_depth=prefetch_depth, **order)
         self._settings = dict(image_size=image_size, batch_size=batch_size, seed=seed % (2**31),
                               num_threads=max(1, num_threads), prefetch_depth=prefetch_depth)
         # Undecoded batches read ahead of DALI by this many threads (reads are cheap; DALI
         # decodes): enough to keep a remote shard's first read off the critical path.
         self._readers = max(1, min(num_threads, 2))
         self._ahead = max(2, self._readers * prefetch_depth)
-
-    def checkpoint(self) -> str:
-        """The number of batches handed out so far: enough to continue exactly."""
-        return str(self.handed_out)
 
     def _raw_batches(self, pool: ThreadPoolExecutor, start: int, dropped: dict[int, list[int]]
                      ) -> Iterator[tuple[list, ...]]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .batch import Batch
-from .torch_stream import RawBatch, TorchShardStream, _pad, built_ahead, decode_resize
+from .torch_stream import RawBatch, ReadInOrder, _pad, built_ahead, decode_resize
 
 _DONE = object()
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; until TorchCodec's
@@ -93,31 +93,20 @@ class DeviceDecoder:
         return torch.stack(images), kept
 
 
-class DeviceDecodeStream:
+class DeviceDecodeStream(ReadInOrder):
     """Same constructor and contract as :class:`TorchShardStream` (``tars`` may be a cache's
     :class:`~stream_pml.data.cache.CachedShards`); ``device``: where to decode (default the
     current CUDA device, else the CPU, where torchvision uses libjpeg-turbo)."""
 
-    def __init__(self, tars, idxs: list[str], *, image_size: int, batch_size: int, train: bool,
-                 flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
-                 prefetch_depth: int = 2, max_bad_samples: int = 10, max_batches: int | None = None,
-                 checkpoint: str | None = None, samples: list[np.ndarray] | None = None,
-                 device: torch.device | str | None = None, **_: object):
-        self.order = TorchShardStream(tars, idxs, image_size=image_size, batch_size=batch_size, train=train,
-                                      flip=flip, seed=seed, num_workers=num_threads, prefetch_depth=prefetch_depth,
-                                      shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples,
-                                      max_batches=max_batches, checkpoint=checkpoint, samples=samples)
-        self.builder = self.order.builder  # .bad lists the skipped samples, as the torch backend's
-        self.handed_out = self.order.start
+    def __init__(self, tars, idxs: list[str], *, image_size: int, num_threads: int, prefetch_depth: int = 2,
+                 device: torch.device | str | None = None, **order: object):
+        super().__init__(tars, idxs, image_size=image_size, num_threads=num_threads, prefetch_depth=prefetch_depth,
+                         **order)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.decoder = DeviceDecoder(torch.device(device), image_size)
         self._readers = max(1, num_threads)
         self._depth = max(1, prefetch_depth)
-
-    def checkpoint(self) -> str:
-        """The number of batches handed out so far: enough to continue exactly."""
-        return str(self.handed_out)
 
     def _to_batch(self, raw: RawBatch) -> Batch:
         def skip(k: int, exc: Exception) -> None:

@@ -338,3 +338,25 @@ class TorchShardStream:
         finally:
             ahead.close()  # cancels what is queued before the pool waits
             pool.shutdown(wait=True)
+
+
+class ReadInOrder:
+    """Base of the streams that read in the torch backend's order and decode elsewhere (DALI,
+    the training device): its plan, reads and skipped samples (``builder.bad``), and its resume
+    position, the number of batches handed out. Same constructor as :class:`TorchShardStream`
+    (``num_threads`` for its ``num_workers``)."""
+
+    def __init__(self, tars, idxs: list[str], *, image_size: int, batch_size: int, train: bool,
+                 flip: bool, seed: int, num_threads: int, shuffle_buffer: int = 512,
+                 prefetch_depth: int = 2, max_bad_samples: int = 10, max_batches: int | None = None,
+                 checkpoint: str | None = None, samples: list[np.ndarray] | None = None, **_: object):
+        self.order = TorchShardStream(tars, idxs, image_size=image_size, batch_size=batch_size, train=train,
+                                      flip=flip, seed=seed, num_workers=num_threads, prefetch_depth=prefetch_depth,
+                                      shuffle_buffer=shuffle_buffer, max_bad_samples=max_bad_samples,
+                                      max_batches=max_batches, checkpoint=checkpoint, samples=samples)
+        self.builder = self.order.builder
+        self.handed_out = self.order.start
+
+    def checkpoint(self) -> str:
+        """The number of batches handed out so far: enough to continue exactly."""
+        return str(self.handed_out)
